@@ -1,0 +1,1 @@
+"""absl-flag launchers (filled by a later issue)."""

@@ -1,0 +1,1 @@
+"""Model zoo of the two papers (filled by a later issue)."""

@@ -1,0 +1,406 @@
+"""A Keras model and a loss as pure functions of parameter tensors.
+
+Everything that differentiates a model twice goes through this module. It
+builds on `keras.Model.stateless_call`, which takes the values of the
+trainable and non-trainable variables as arguments and returns the updated
+non-trainable values instead of assigning them, so a measurement never
+changes the model: moving statistics, the dropout seed state and every
+variable stay bitwise as they were.
+
+Two conventions hold everywhere in the library:
+
+* `training=True` (the default) is the function SGD optimizes: batch
+  statistics in BatchNormalization, dropout active. Dropout masks come from
+  the model's seed-generator state *as it is when the measurement starts*;
+  the same state is passed to every call of one measurement, so all
+  Hessian-vector products of a solver see the same masks (a fixed operator).
+  `training=False` is inference mode (moving statistics, no dropout).
+* The loss is the weighted mean of per-example losses, as Keras'
+  `sum_over_batch_size` reduction computes it: `mean_i(w_i * l_i)`, plus the
+  model's regularization losses (switchable). Over a probe set of several
+  batches it is the mean over all examples, each batch being run as one
+  batch through the model.
+
+Second derivatives through normalization layers: TensorFlow's
+`tf.nn.moments` computes the variance around `stop_gradient(mean)`, which is
+exact to first order but drops a second-order term (TRAPS.md 1: 41-71% HVP
+error on a ResNet with BatchNormalization). Every function traced here runs
+under `exact_moments()`, which swaps the moments used by Keras'
+BatchNormalization, LayerNormalization and GroupNormalization for a plain
+`mean((x - mean)**2)` with identical forward values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import keras
+import tensorflow as tf
+from keras.src.backend.tensorflow import nn as _keras_tf_nn
+from keras.src.backend.tensorflow import numpy as _keras_tf_numpy
+
+LossLike = str | keras.losses.Loss | Callable[..., Any] | None
+
+
+def _exact_compute_moments(x, axes, keepdims):
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    variance = tf.reduce_mean(
+        tf.math.squared_difference(x, mean), axis=axes, keepdims=True
+    )
+    if not keepdims:
+        mean = tf.squeeze(mean, axes)
+        variance = tf.squeeze(variance, axes)
+    return mean, variance
+
+
+@contextlib.contextmanager
+def _swapped(module: Any, name: str, replacement: Callable) -> Iterator[None]:
+    original = getattr(module, name, None)
+    if original is None:
+        raise RuntimeError(
+            f"tf_breakeven replaces {module.__name__}.{name} while it traces "
+            "its functions (see tf_breakeven.functional), and this Keras "
+            f"version ({keras.__version__}) no longer has it. Pin "
+            "keras<=3.15 or update tf_breakeven.functional."
+        )
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def exact_moments() -> contextlib.AbstractContextManager:
+    """Makes Keras normalization layers twice differentiable exactly.
+
+    Within the context, Keras' TensorFlow backend computes moments without
+    `stop_gradient`, so Hessians through BatchNormalization (training mode),
+    LayerNormalization and GroupNormalization are exact. Forward values are
+    unchanged. The swap only matters while a function is traced, which is
+    when the Python body runs.
+
+    Raises:
+        RuntimeError: if the Keras internals this relies on have moved (a
+            Keras upgrade); silently wrong Hessians are worse than an error.
+    """
+    return _swapped(_keras_tf_nn, "_compute_moments", _exact_compute_moments)
+
+
+_keras_einsum = _keras_tf_numpy.einsum
+
+
+def _plain_einsum(subscripts, *operands, **kwargs):
+    operands = [tf.convert_to_tensor(o) for o in operands]
+    if kwargs or not all(o.dtype.is_floating for o in operands):
+        return _keras_einsum(subscripts, *operands, **kwargs)
+    return tf.einsum(subscripts, *operands)
+
+
+def pfor_safe_einsum() -> contextlib.AbstractContextManager:
+    """Routes Keras' `ops.einsum` to `tf.einsum` for floating operands.
+
+    Keras' TensorFlow backend lowers common einsum patterns to `tf.matmul`;
+    inside `tf.vectorized_map` with oneDNN on (the default on x86 CPUs)
+    those matmuls corrupt the heap (`free(): invalid next size`; TRAPS.md
+    12, reproduced on a one-layer keras-hub BERT). A plain `tf.einsum`
+    computes the same product and vectorizes cleanly, so per-sample
+    gradients work without the user setting `TF_ENABLE_ONEDNN_OPTS=0`.
+    """
+    return _swapped(_keras_tf_numpy, "einsum", _plain_einsum)
+
+
+class Batch(NamedTuple):
+    """One batch of a probe set; `sample_weight` is None or shape [B]."""
+
+    x: Any
+    y: Any
+    sample_weight: tf.Tensor | None
+
+
+def _batch_size(x: Any) -> int:
+    first = tf.nest.flatten(x)[0]
+    size = first.shape[0]
+    if size is None:
+        raise ValueError(
+            "Probe batches need a static batch dimension; materialize the "
+            "data (e.g. `dataset.take(n).cache()`) or pass arrays."
+        )
+    return int(size)
+
+
+def _to_batch(element: Any, where: str) -> Batch:
+    if not isinstance(element, (tuple, list)) or len(element) not in (2, 3):
+        raise ValueError(
+            f"{where} must be a tuple `(x, y)` or `(x, y, sample_weight)`; "
+            f"got {type(element).__name__}"
+            + (
+                f" of length {len(element)}"
+                if hasattr(element, "__len__")
+                else ""
+            )
+            + ". Map your dataset to such tuples."
+        )
+    x, y = element[0], element[1]
+    weight = element[2] if len(element) == 3 else None
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    y = tf.nest.map_structure(tf.convert_to_tensor, y)
+    size = _batch_size(x)
+    for part, name in ((y, "y"),) + (
+        ((weight, "sample_weight"),) if weight is not None else ()
+    ):
+        for t in tf.nest.flatten(part):
+            t = tf.convert_to_tensor(t)
+            if t.shape.rank == 0 or t.shape[0] != size:
+                raise ValueError(
+                    f"{where}: `{name}` has shape {t.shape} but `x` has "
+                    f"{size} examples; pass one {name} entry per example."
+                )
+    if weight is not None:
+        weight = tf.convert_to_tensor(weight)
+        if weight.shape.rank != 1:
+            raise ValueError(
+                f"{where}: `sample_weight` must have shape [batch], got "
+                f"{weight.shape}."
+            )
+    return Batch(x, y, weight)
+
+
+def probe_batches(data: Any) -> list[Batch]:
+    """Normalizes probe data into a list of batches of tensors.
+
+    Args:
+        data: a tuple `(x, y)` or `(x, y, sample_weight)` of arrays or
+            tensors (one batch), or a finite `tf.data.Dataset` of such
+            batches (iterated once and kept in memory: probe sets are small
+            by design, e.g. 5% of the training set).
+
+    Returns:
+        The batches, each with tensors and a static batch size.
+
+    Raises:
+        ValueError: for an empty probe set, an infinite dataset, or elements
+            that are not `(x, y[, sample_weight])` tuples.
+    """
+    if isinstance(data, tf.data.Dataset):
+        cardinality = int(data.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "The probe dataset is infinite (e.g. it ends in `.repeat()`);"
+                " pass a finite one, e.g. `dataset.take(num_batches)`."
+            )
+        batches = [
+            _to_batch(element, f"Element {i} of the probe dataset")
+            for i, element in enumerate(data)
+        ]
+    else:
+        batches = [_to_batch(data, "Probe data")]
+    batches = [b for b in batches if _batch_size(b.x) > 0]
+    if not batches:
+        raise ValueError("The probe data is empty; pass at least one example.")
+    return batches
+
+
+def num_examples(batches: Sequence[Batch]) -> int:
+    """Total number of examples in a list of probe batches."""
+    return sum(_batch_size(b.x) for b in batches)
+
+
+def _per_example_loss_fn(model: keras.Model, loss: LossLike) -> Callable:
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "The model has no loss: compile it (`model.compile(loss=...)`)"
+                " or pass `loss=` (a Keras loss, its name, or a callable "
+                "`fn(y_true, y_pred)` returning per-example losses)."
+            )
+        if isinstance(loss, (dict, list, tuple)):
+            raise ValueError(
+                "The model was compiled with one loss per output; pass "
+                "`loss=fn(y_true, y_pred)` returning per-example losses of "
+                "the whole model."
+            )
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        # `call` is the unreduced per-sample loss; `__call__` would reduce.
+        return loss.call
+    if callable(loss):
+        return loss
+    raise ValueError(
+        f"`loss` must be a Keras loss, its name or a callable; got {loss!r}."
+    )
+
+
+def _uses_unrolled_recurrence_only(model: keras.Model) -> bool:
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.RNN) and not layer.unroll:
+            return False
+    return True
+
+
+class ModelFunction:
+    """A Keras model and a loss as pure functions of parameter tensors.
+
+    Attributes:
+        training: whether the model runs in training mode.
+        include_regularization: whether `model.losses` are added.
+        dtype: the dtype losses and derivatives are computed in.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        loss: LossLike = None,
+        *,
+        training: bool = True,
+        include_regularization: bool = True,
+    ):
+        if not isinstance(model, keras.Model):
+            raise ValueError(
+                f"Expected a keras.Model, got {type(model).__name__}."
+            )
+        if not model.built:
+            raise ValueError(
+                "The model is not built; call it on a batch or build it "
+                "with `model.build(input_shape)` first."
+            )
+        if not model.trainable_variables:
+            raise ValueError("The model has no trainable variables.")
+        self._model_ref = weakref.ref(model)
+        self.training = bool(training)
+        self.include_regularization = bool(include_regularization)
+        self._loss = _per_example_loss_fn(model, loss)
+        dtypes = {v.dtype for v in model.trainable_variables}
+        self.dtype = tf.float64 if "float64" in dtypes else tf.float32
+
+    @property
+    def model(self) -> keras.Model:
+        """The wrapped model (held weakly so caches keyed on it can die)."""
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("The model of this function was deleted.")
+        return model
+
+    @property
+    def variables(self) -> list:
+        return list(self.model.trainable_variables)
+
+    @property
+    def shapes(self) -> list[tf.TensorShape]:
+        return [tf.TensorShape(v.shape) for v in self.model.trainable_variables]
+
+    @property
+    def dim(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def has_rolled_recurrence(self) -> bool:
+        """True if a recurrent layer runs a `tf.while_loop` (unroll=False)."""
+        return not _uses_unrolled_recurrence_only(self.model)
+
+    def read_parameters(self) -> list[tf.Tensor]:
+        """The current trainable values as tensors (safe for autodiff)."""
+        return [
+            tf.convert_to_tensor(v.value)
+            for v in self.model.trainable_variables
+        ]
+
+    def read_state(self) -> list[tf.Tensor]:
+        """The current non-trainable values (moving stats, seed states)."""
+        return [
+            tf.convert_to_tensor(v.value)
+            for v in self.model.non_trainable_variables
+        ]
+
+    def per_example_losses(
+        self,
+        params: Sequence[tf.Tensor],
+        state: Sequence[tf.Tensor],
+        x: Any,
+        y: Any,
+        sample_weight: tf.Tensor | None = None,
+    ) -> tf.Tensor:
+        """Weighted per-example losses `w_i * l_i (+ regularization)`, [B].
+
+        The whole batch runs through the model at once (batch statistics
+        of BatchNormalization couple the examples in training mode).
+        """
+        with exact_moments():
+            y_pred, _, reg_losses = self.model.stateless_call(
+                list(params),
+                list(state),
+                x,
+                training=self.training,
+                return_losses=True,
+            )
+            losses = self._loss(y, y_pred)
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        losses = tf.cast(losses, self.dtype)
+        if losses.shape.rank == 0:
+            # A callable that already reduced: spread its mean evenly.
+            losses = tf.fill([batch], losses)
+        elif losses.shape.rank > 1:
+            losses = tf.reduce_mean(
+                losses, axis=list(range(1, losses.shape.rank))
+            )
+        if sample_weight is not None:
+            losses = losses * tf.cast(sample_weight, self.dtype)
+        if self.include_regularization and reg_losses:
+            losses = losses + tf.cast(tf.add_n(reg_losses), self.dtype)
+        return losses
+
+    def loss_sum(
+        self,
+        params: Sequence[tf.Tensor],
+        state: Sequence[tf.Tensor],
+        batch: Batch,
+    ) -> tf.Tensor:
+        """Sum over the batch of the weighted per-example losses."""
+        return tf.reduce_sum(self.per_example_losses(params, state, *batch))
+
+
+def dense(gradient: Any, like: tf.Tensor | None = None) -> tf.Tensor:
+    """Densifies a gradient or tangent (IndexedSlices from Embedding)."""
+    if gradient is None:
+        if like is None:
+            raise ValueError("Cannot densify None without a reference.")
+        return tf.zeros_like(like)
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    return gradient
+
+
+def check_vector(
+    vector: Sequence[Any], shapes: Sequence[tf.TensorShape], dtype: tf.DType
+) -> list[tf.Tensor]:
+    """Validates a vector structured like the trainable variables."""
+    if isinstance(vector, (tf.Tensor, tf.Variable)) or not isinstance(
+        vector, (list, tuple)
+    ):
+        raise ValueError(
+            "`vector` must be a list of tensors shaped like "
+            "`model.trainable_variables` "
+            f"({len(shapes)} tensors); got {type(vector).__name__}. Use "
+            "`tf_breakeven.linalg.unflatten_tensors` for a flat vector."
+        )
+    if len(vector) != len(shapes):
+        raise ValueError(
+            f"`vector` has {len(vector)} tensors but the model has "
+            f"{len(shapes)} trainable variables; pass one tensor per "
+            "variable, in `model.trainable_variables` order."
+        )
+    out = []
+    for i, (v, shape) in enumerate(zip(vector, shapes)):
+        v = tf.convert_to_tensor(v, dtype=dtype)
+        if v.shape != shape:
+            raise ValueError(
+                f"`vector[{i}]` has shape {v.shape} but trainable variable "
+                f"{i} has shape {shape}."
+            )
+        out.append(v)
+    return out

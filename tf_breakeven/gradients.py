@@ -1,0 +1,384 @@
+"""Per-example and micro-batch gradients, and their Gram matrix.
+
+A probe set of N examples (in data order) is split into n = N / M samples
+of M consecutive examples (M = `microbatch_size`; M = 1 means per-example).
+The gradient g_i of sample i is the gradient of the Keras-style mean loss on
+that micro-batch, run through the model *as its own batch*:
+`(1/M) sum_{j in i} w_j l_j (+ regularization)`. So with
+BatchNormalization in training mode, g_i uses the micro-batch's own
+statistics (what SGD with batch size M would see), and M = 1 is refused in
+that case: a single example has no batch statistics (TRAPS.md 13). With
+M = 1 and `training=False`, g_i is the exact per-example gradient and the
+mean of the g_i is the full-batch gradient.
+
+Sample gradients are computed with `tf.vectorized_map` inside a
+`tf.function` (pfor; TRAPS.md 9 measured it at 1.1-5.6x one batch gradient,
+against B^2 growth for `tape.jacobian`), with `fallback_to_while_loop=False`
+so an op pfor cannot vectorize raises instead of silently looping.
+
+Models with a Keras RNN layer running a `tf.while_loop` (`unroll=False`)
+cannot go through pfor (TRAPS.md 11). For those the sample gradients are
+computed by a `tf.map_fn` loop over samples inside the same `tf.function`
+(exact, but several times slower); build the RNN with `unroll=True` to get
+the vectorized path.
+
+The Gram matrix G_ij = <g_i, g_j> is accumulated block by block in float64:
+at most two chunks of sample gradients are held at once, and the chunk size
+follows from `memory_budget` (bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as logging_lib
+import weakref
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_breakeven import statistics
+from tf_breakeven.functional import (
+    Batch,
+    LossLike,
+    ModelFunction,
+    dense,
+    pfor_safe_einsum,
+    probe_batches,
+)
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+class _DropConvFilterWarning(logging_lib.Filter):
+    # pfor's Conv2DBackpropFilter converter loops internally and says so on
+    # every trace; it is not a fallback (TRAPS.md 10: it works with
+    # fallback_to_while_loop=False), so the warning only misleads.
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return "Conv2DBackpropFilter uses a while_loop" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_conv_filter_warning():
+    logger = tf.get_logger()
+    drop = _DropConvFilterWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _has_batch_norm(model: keras.Model) -> bool:
+    return any(
+        isinstance(layer, keras.layers.BatchNormalization)
+        for layer in model._flatten_layers(include_self=False)
+    )
+
+
+def _concat_batches(batches: list[Batch]) -> Batch:
+    def cat(*parts):
+        return tf.concat(parts, axis=0)
+
+    x = tf.nest.map_structure(cat, *[b.x for b in batches])
+    y = tf.nest.map_structure(cat, *[b.y for b in batches])
+    weights = [b.sample_weight for b in batches]
+    if all(w is None for w in weights):
+        weight = None
+    else:
+        weight = tf.concat(
+            [
+                tf.ones([tf.nest.flatten(b.x)[0].shape[0]], tf.float32)
+                if w is None
+                else tf.cast(w, tf.float32)
+                for b, w in zip(batches, weights)
+            ],
+            axis=0,
+        )
+    return Batch(x, y, weight)
+
+
+def _split_samples(batch: Batch, microbatch_size: int) -> Batch:
+    """Reshapes every tensor [N, ...] to [n, M, ...]."""
+
+    def split(t):
+        return tf.reshape(t, [-1, microbatch_size] + t.shape[1:].as_list())
+
+    return Batch(
+        tf.nest.map_structure(split, batch.x),
+        tf.nest.map_structure(split, batch.y),
+        None if batch.sample_weight is None else split(batch.sample_weight),
+    )
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    def cut(t):
+        return t[start:stop]
+
+    return Batch(
+        tf.nest.map_structure(cut, batch.x),
+        tf.nest.map_structure(cut, batch.y),
+        None if batch.sample_weight is None else cut(batch.sample_weight),
+    )
+
+
+class _GradientKernel:
+    """`tf.function`s computing stacked sample gradients for one model."""
+
+    def __init__(self, function: ModelFunction, jit: bool):
+        self.function = function
+        self.vectorized = not function.has_rolled_recurrence
+        self.sample_gradients = tf.function(self._stacked, jit_compile=jit)
+        self.flat_sample_gradients = tf.function(self._flat, jit_compile=jit)
+
+    def _one(self, params, state, sample: Batch) -> list[tf.Tensor]:
+        fn = self.function
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            losses = fn.per_example_losses(params, state, *sample)
+            mean = tf.reduce_mean(losses)
+        grads = tape.gradient(mean, params, unconnected_gradients=_ZERO)
+        return [dense(g, p) for g, p in zip(grads, params)]
+
+    def _stacked(self, x, y, sample_weight):
+        """Gradients of every sample; inputs shaped [n, M, ...]."""
+        fn = self.function
+        params, state = fn.read_parameters(), fn.read_state()
+
+        def one(sample):
+            weight = sample[2] if len(sample) == 3 else None
+            return self._one(params, state, Batch(sample[0], sample[1], weight))
+
+        elems = (x, y) if sample_weight is None else (x, y, sample_weight)
+        if self.vectorized:
+            with pfor_safe_einsum(), _quiet_conv_filter_warning():
+                return tf.vectorized_map(
+                    one, elems, fallback_to_while_loop=False
+                )
+        return tf.map_fn(
+            one,
+            elems,
+            fn_output_signature=[
+                tf.TensorSpec(p.shape, p.dtype) for p in params
+            ],
+        )
+
+    def _flat(self, x, y, sample_weight):
+        grads = self._stacked(x, y, sample_weight)
+        n = tf.shape(grads[0])[0]
+        return tf.concat(
+            [tf.reshape(tf.cast(g, tf.float64), [n, -1]) for g in grads],
+            axis=1,
+        )
+
+
+_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kernel_for(model, loss, training, jit_compile) -> _GradientKernel:
+    function = ModelFunction(model, loss, training=training)
+    key = (
+        id(loss) if loss is not None and not isinstance(loss, str) else loss,
+        bool(training),
+        bool(jit_compile),
+    )
+    per_model = _KERNELS.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _GradientKernel(function, jit_compile)
+        if not per_model[key].vectorized:
+            logging.warning(
+                "tf_breakeven: %s has a recurrent layer with unroll=False; "
+                "sample gradients use a sequential tf.map_fn loop (exact but "
+                "slower). Build it with unroll=True to vectorize them.",
+                model.name,
+            )
+    return per_model[key]
+
+
+def _prepare(model, data, microbatch_size, training):
+    if isinstance(microbatch_size, bool) or not isinstance(
+        microbatch_size, (int, np.integer)
+    ):
+        raise ValueError(
+            f"`microbatch_size` must be an int >= 1; got {microbatch_size!r}."
+        )
+    if microbatch_size < 1:
+        raise ValueError(
+            f"`microbatch_size` must be >= 1; got {microbatch_size}."
+        )
+    if microbatch_size == 1 and training and _has_batch_norm(model):
+        raise ValueError(
+            "The model has BatchNormalization and `training=True`: a single "
+            "example has no batch statistics, so per-example gradients are "
+            "undefined. Pass `training=False` (inference-mode statistics) or "
+            "`microbatch_size >= 2` (each micro-batch uses its own "
+            "statistics)."
+        )
+    batch = _concat_batches(probe_batches(data))
+    total = tf.nest.flatten(batch.x)[0].shape[0]
+    if total % microbatch_size:
+        raise ValueError(
+            f"`microbatch_size={microbatch_size}` does not divide the "
+            f"{total} probe examples; pass a divisor of {total} or trim the "
+            f"probe set to {total - total % microbatch_size} examples."
+        )
+    return _split_samples(batch, int(microbatch_size))
+
+
+def _check_fits(kernel: _GradientKernel, samples: Batch) -> None:
+    first = _slice(samples, 0, 1)
+    first = Batch(
+        *(
+            None
+            if part is None
+            else tf.nest.map_structure(lambda t: t[0], part)
+            for part in first
+        )
+    )
+    try:
+        kernel.function.per_example_losses(
+            kernel.function.read_parameters(),
+            kernel.function.read_state(),
+            *first,
+        )
+    except (ValueError, TypeError, tf.errors.OpError) as error:
+        raise ValueError(
+            f"The probe data does not fit the model or the loss: {error}. "
+            "Pass inputs shaped like the model's inputs and targets the "
+            "loss accepts."
+        ) from error
+
+
+def per_example_gradients(
+    model: keras.Model,
+    data: Any,
+    *,
+    loss: LossLike = None,
+    training: bool = True,
+    jit_compile: bool = False,
+) -> list[tf.Tensor]:
+    """Gradient of every example's loss, vectorized.
+
+    Args:
+        model: a built Keras model.
+        data: `(x, y[, sample_weight])` or a finite `tf.data.Dataset` of such
+            batches.
+        loss: None for the compiled loss, else a Keras loss, its name or a
+            callable `fn(y_true, y_pred)`.
+        training: model mode; with BatchNormalization only `False` works
+            (see the module docstring).
+        jit_compile: compile with XLA.
+
+    Returns:
+        One tensor per trainable variable, shaped `[N, *variable.shape]`;
+        row i is the gradient of `w_i * l_i (+ regularization)`.
+    """
+    samples = _prepare(model, data, 1, training)
+    kernel = _kernel_for(model, loss, training, jit_compile)
+    _check_fits(kernel, samples)
+    return kernel.sample_gradients(*samples)
+
+
+def _chunk_size(n: int, dim: int, memory_budget: int) -> int:
+    # Two chunks of float64 rows plus their float32 source at once.
+    per_sample = 2 * dim * (8 + 4)
+    size = int(memory_budget // per_sample)
+    if size < 1:
+        raise ValueError(
+            f"One sample gradient needs {per_sample} bytes ({dim} "
+            f"parameters) but `memory_budget={memory_budget}`; raise "
+            "`memory_budget` or measure a smaller model."
+        )
+    return min(size, n)
+
+
+def gradient_gram(
+    model: keras.Model,
+    data: Any,
+    *,
+    microbatch_size: int = 1,
+    loss: LossLike = None,
+    training: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    jit_compile: bool = False,
+) -> np.ndarray:
+    """Gram matrix G_ij = <g_i, g_j> of the sample gradients, float64.
+
+    Args:
+        model, data, loss, training, jit_compile: see
+            `per_example_gradients`.
+        microbatch_size: M, examples per sample (must divide N).
+        memory_budget: bytes for sample gradients held at once; with n
+            samples of P parameters that fit, all are computed once,
+            otherwise chunk pairs are recomputed block by block.
+
+    Returns:
+        A symmetric [n, n] numpy float64 array, n = N / M.
+    """
+    samples = _prepare(model, data, microbatch_size, training)
+    kernel = _kernel_for(model, loss, training, jit_compile)
+    _check_fits(kernel, samples)
+    n = tf.nest.flatten(samples.x)[0].shape[0]
+    chunk = _chunk_size(n, kernel.function.dim, memory_budget)
+    starts = list(range(0, n, chunk))
+
+    def rows(start):
+        return kernel.flat_sample_gradients(
+            *_slice(samples, start, min(start + chunk, n))
+        )
+
+    blocks = {}
+    for a, start_a in enumerate(starts):
+        rows_a = rows(start_a)
+        for start_b in starts[a:]:
+            rows_b = rows_a if start_b == start_a else rows(start_b)
+            blocks[start_a, start_b] = tf.matmul(
+                rows_a, rows_b, transpose_b=True
+            )
+    gram = np.zeros((n, n), np.float64)
+    for (start_a, start_b), block in blocks.items():
+        block = block.numpy()
+        stop_a, stop_b = start_a + block.shape[0], start_b + block.shape[1]
+        gram[start_a:stop_a, start_b:stop_b] = block
+        gram[start_b:stop_b, start_a:stop_a] = block.T
+    return gram
+
+
+def gradient_statistics(
+    model: keras.Model,
+    data: Any,
+    *,
+    microbatch_size: int = 1,
+    k: int = 5,
+    loss: LossLike = None,
+    training: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    jit_compile: bool = False,
+    **statistics_kwargs: Any,
+) -> dict[str, float]:
+    """Covariance spectrum, conditioning, confusion and noise of gradients.
+
+    Computes `gradient_gram` and then `statistics.gram_statistics` on it;
+    see that function for the keys (`grad_cov/lambda_1`, `confusion/eta`,
+    `grad/noise_scale`, ...).
+
+    Returns:
+        A dict of Python floats.
+    """
+    if k < 1:
+        raise ValueError(f"`k` must be >= 1; got {k}.")
+    gram = gradient_gram(
+        model,
+        data,
+        microbatch_size=microbatch_size,
+        loss=loss,
+        training=training,
+        memory_budget=memory_budget,
+        jit_compile=jit_compile,
+    )
+    return statistics.gram_statistics(
+        gram, microbatch_size=microbatch_size, k=k, **statistics_kwargs
+    )

@@ -1,0 +1,756 @@
+"""Matrix-free symmetric eigen and trace solvers.
+
+Every solver takes `matvec`, a callable mapping a 1-D tensor of shape `[dim]`
+to a 1-D tensor of shape `[dim]` that applies a symmetric operator, so the
+solvers know nothing about Keras and are tested on explicit matrices.
+
+All solvers run eagerly and inside `tf.function(jit_compile=True)`: shapes are
+static, iterations are `tf.while_loop`s, branches are `tf.cond`s and nothing
+is copied to the host while iterating. Randomness comes only from integer
+Philox draws of `tf.random.stateless_uniform` seeded with `[seed, counter]`:
+the same `seed` gives bitwise-equal results, and eager and jit-compiled calls
+draw the same stream. `seed` may be a Python int or an integer scalar tensor
+(a tensor seed lets a `tf.function` draw fresh probes without retracing).
+
+Tridiagonal eigenproblems are solved with `tf.linalg.eigh` in float64, which
+also compiles under XLA on CPU. XLA's iterative eigensolver gives eigenvalues
+that agree with LAPACK to ~1e-13 but eigenvectors whose residual
+`||T v - lambda v||` is only ~1e-7 (measured for m <= 60), which bounds the
+accuracy of jit-compiled Ritz vectors and quadrature weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+Matvec = Callable[[tf.Tensor], tf.Tensor]
+Seed = int | tf.Tensor
+
+# A Lanczos step breaks down when the new residual norm is below eps^(2/3)
+# (the floor ARPACK uses in its convergence tests) times the largest
+# ||A v_j|| seen so far, a lower bound on ||A||. Zeroing such a beta perturbs
+# the tridiagonal matrix by at most that much. In floating point the residual
+# of an exhausted Krylov space is amplified rounding noise and can exceed the
+# threshold (seen: 3e-4 ||A|| in float32 for a repeated eigenvalue). Missing
+# a breakdown is harmless: after two Gram-Schmidt passes the noise is still
+# orthogonal to the basis and the iteration simply continues from it.
+_BREAKDOWN_EPS_POWER = 2.0 / 3.0
+# Random draws use only integer stateless samplers: TF's float samplers
+# (stateless_normal/uniform) give different streams eagerly and under XLA,
+# while the Philox integer streams agree bitwise.
+_RNG_ALG = "philox"
+_RNG_BITS = 24
+# Default Gaussian width of `spectral_density` as a fraction of the range.
+_SIGMA_FRACTION = 1e-2
+# Default grid padding of `spectral_density`, in units of sigma.
+_GRID_PAD_SIGMAS = 6.0
+
+
+class LanczosResult(NamedTuple):
+    """Output of `lanczos`.
+
+    Attributes:
+        alphas: `[m]` diagonal of the tridiagonal matrix T = V A V^T.
+        betas: `[m - 1]` off-diagonal of T; a zero marks a breakdown (an
+            invariant subspace was found and the iteration restarted).
+        basis: `[m, dim]` orthonormal Lanczos vectors V as rows.
+    """
+
+    alphas: tf.Tensor
+    betas: tf.Tensor
+    basis: tf.Tensor
+
+
+class EigenResult(NamedTuple):
+    """Output of `eigsh` and `power_iteration`.
+
+    Attributes:
+        eigenvalues: `[k]` eigenvalue estimates.
+        eigenvectors: `[k, dim]` unit-norm eigenvector estimates as rows.
+    """
+
+    eigenvalues: tf.Tensor
+    eigenvectors: tf.Tensor
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def flatten_tensors(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Concatenates tensors, each reshaped to 1-D, into one 1-D tensor.
+
+    Args:
+        tensors: non-empty sequence of tensors of one dtype.
+
+    Returns:
+        A 1-D tensor with `sum(t.size for t in tensors)` entries.
+    """
+    if len(tensors) == 0:
+        raise ValueError("`tensors` is empty; pass at least one tensor.")
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+
+def unflatten_tensors(
+    flat: tf.Tensor, shapes: Sequence[Sequence[int] | tf.TensorShape]
+) -> list[tf.Tensor]:
+    """Splits a 1-D tensor into tensors of the given shapes.
+
+    Inverse of `flatten_tensors`.
+
+    Args:
+        flat: 1-D tensor with `sum(prod(shape))` entries.
+        shapes: fully defined shapes, e.g. `[v.shape for v in variables]`.
+
+    Returns:
+        A list of tensors with the given shapes.
+    """
+    shapes = [tf.TensorShape(s) for s in shapes]
+    if not shapes:
+        raise ValueError("`shapes` is empty; pass at least one shape.")
+    for shape in shapes:
+        if not shape.is_fully_defined():
+            raise ValueError(
+                f"Shape {shape} is not fully defined; pass static shapes."
+            )
+    sizes = [shape.num_elements() for shape in shapes]
+    flat = tf.convert_to_tensor(flat)
+    if flat.shape.rank is not None and flat.shape.rank != 1:
+        raise ValueError(
+            f"`flat` must be 1-D; got shape {flat.shape}. Flatten it first."
+        )
+    if flat.shape[0] is not None and flat.shape[0] != sum(sizes):
+        raise ValueError(
+            f"`flat` has {flat.shape[0]} entries but `shapes` hold "
+            f"{sum(sizes)}; pass the shapes the vector was flattened from."
+        )
+    parts = tf.split(flat, sizes)
+    return [tf.reshape(p, s) for p, s in zip(parts, shapes, strict=True)]
+
+
+def as_flat_matvec(
+    list_matvec: Callable[[list[tf.Tensor]], Sequence[tf.Tensor]],
+    shapes: Sequence[Sequence[int] | tf.TensorShape],
+) -> Matvec:
+    """Adapts an operator over a list of tensors to a flat matvec.
+
+    Args:
+        list_matvec: maps a list of tensors with `shapes` (e.g. a direction
+            in a model's variable space) to a list of the same shapes.
+        shapes: the shapes of the list elements.
+
+    Returns:
+        A callable mapping a `[dim]` tensor to a `[dim]` tensor, with
+        `dim = sum(prod(shape))`, usable by every solver of this module.
+    """
+    shapes = [tf.TensorShape(s) for s in shapes]
+
+    def matvec(vector: tf.Tensor) -> tf.Tensor:
+        return flatten_tensors(list_matvec(unflatten_tensors(vector, shapes)))
+
+    return matvec
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"`{name}` must be a Python int; got {type(value).__name__}."
+        )
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}; got {value}.")
+    return int(value)
+
+
+def _check_dtype(dtype: Any) -> tf.DType:
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+        raise ValueError(
+            f"`dtype` must be a floating dtype; got {dtype.name}. "
+            "Pass tf.float32 or tf.float64."
+        )
+    return dtype
+
+
+def _seed(seed: Seed, counter: Any) -> tf.Tensor:
+    return tf.stack(
+        [tf.cast(seed, tf.int64), tf.cast(counter, tf.int64)], axis=0
+    )
+
+
+def _rademacher(shape, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    bits = tf.random.stateless_uniform(
+        shape, seed=seed, minval=0, maxval=2, dtype=tf.int32, alg=_RNG_ALG
+    )
+    return tf.cast(2 * bits - 1, dtype)
+
+
+def _normal(shape, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Box-Muller on 24-bit integer uniforms (same stream eager and XLA)."""
+    ints = tf.random.stateless_uniform(
+        [2, *shape],
+        seed=seed,
+        minval=0,
+        maxval=2**_RNG_BITS,
+        dtype=tf.int32,
+        alg=_RNG_ALG,
+    )
+    uniform = (tf.cast(ints, dtype) + 0.5) * (2.0**-_RNG_BITS)  # in (0, 1)
+    radius = tf.sqrt(-2.0 * tf.math.log(uniform[0]))
+    return radius * tf.cos((2.0 * np.pi) * uniform[1])
+
+
+def _apply(matvec: Matvec, vector: tf.Tensor, dim: int) -> tf.Tensor:
+    out = tf.convert_to_tensor(matvec(vector))
+    if not out.shape.is_compatible_with([dim]):
+        raise ValueError(
+            f"`matvec` returned shape {out.shape} for an input of shape "
+            f"[{dim}]; it must map [dim] to [dim] (use `as_flat_matvec` for "
+            "operators over lists of tensors)."
+        )
+    if out.dtype != vector.dtype:
+        raise ValueError(
+            f"`matvec` returned {out.dtype.name} for a {vector.dtype.name} "
+            "input; pass the operator's dtype as `dtype`."
+        )
+    return tf.reshape(out, [dim])
+
+
+def _orthogonalize(vector: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
+    # Classical Gram-Schmidt twice ("twice is enough"); zero rows are inert.
+    for _ in range(2):
+        coeffs = tf.linalg.matvec(basis, vector)
+        vector = vector - tf.linalg.matvec(basis, coeffs, transpose_a=True)
+    return vector
+
+
+def _unit_start(
+    start_vector: Any, dim: int, seed: Seed, counter: Any, dtype: tf.DType
+) -> tf.Tensor:
+    """The normalized start vector, or a seeded random one if absent/zero."""
+    random = _normal([dim], _seed(seed, counter), dtype)
+    random = random / tf.norm(random)
+    if start_vector is None:
+        return random
+    start = tf.cast(start_vector, dtype)
+    if start.shape.num_elements() not in (None, dim):
+        raise ValueError(
+            f"`start_vector` has shape {start.shape} but the operator "
+            f"dimension is {dim}; pass a vector of {dim} entries."
+        )
+    start = tf.reshape(start, [dim])
+    norm = tf.norm(start)
+    return tf.where(norm > 0, tf.math.divide_no_nan(start, norm), random)
+
+
+# ----------------------------------------------------------------- Lanczos
+
+
+def _lanczos(
+    matvec: Matvec,
+    dim: int,
+    num_iterations: int,
+    start_vector: Any,
+    seed: Seed,
+    counter: Any,
+    dtype: tf.DType,
+) -> LanczosResult:
+    """Lanczos without input checks; draws seeds [seed, counter + 0..m]."""
+    m = num_iterations
+    eps = float(np.finfo(dtype.as_numpy_dtype).eps)
+    rtol = eps**_BREAKDOWN_EPS_POWER
+    v0 = _unit_start(start_vector, dim, seed, counter, dtype)
+    # One spare row so that step j can always store v_{j+1}; it is dropped.
+    basis = tf.concat([v0[tf.newaxis], tf.zeros([m, dim], dtype)], axis=0)
+    alphas = tf.zeros([m], dtype)
+    betas = tf.zeros([m], dtype)
+
+    def body(j, basis, alphas, betas, anorm):
+        v = tf.gather(basis, j)
+        w = _apply(matvec, v, dim)
+        alpha = tf.tensordot(v, w, 1)
+        anorm = tf.maximum(anorm, tf.norm(w))
+        w = _orthogonalize(w, basis)
+        beta = tf.norm(w)
+        j_64 = tf.cast(j, tf.int64)
+
+        def restart():
+            fresh = _normal(
+                [dim], _seed(seed, tf.cast(counter, tf.int64) + 1 + j_64), dtype
+            )
+            fresh = _orthogonalize(fresh, basis)
+            return (
+                tf.math.divide_no_nan(fresh, tf.norm(fresh)),
+                tf.zeros_like(beta),
+            )
+
+        v_next, beta = tf.cond(
+            beta <= rtol * anorm, restart, lambda: (w / beta, beta)
+        )
+        basis = tf.tensor_scatter_nd_update(basis, [[j + 1]], [v_next])
+        alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [alpha])
+        betas = tf.tensor_scatter_nd_update(betas, [[j]], [beta])
+        return j + 1, basis, alphas, betas, anorm
+
+    _, basis, alphas, betas, _ = tf.while_loop(
+        lambda j, *_: j < m,
+        body,
+        (tf.constant(0), basis, alphas, betas, tf.zeros([], dtype)),
+        maximum_iterations=m,
+    )
+    return LanczosResult(alphas, betas[: m - 1], basis[:m])
+
+
+def lanczos(
+    matvec: Matvec,
+    dim: int,
+    num_iterations: int,
+    *,
+    start_vector: tf.Tensor | None = None,
+    seed: Seed = 0,
+    dtype: Any = tf.float32,
+) -> LanczosResult:
+    """Lanczos tridiagonalization with full reorthogonalization.
+
+    Each new vector is orthogonalized against the whole (preallocated,
+    zero-padded) basis by classical Gram-Schmidt applied twice. When the
+    residual vanishes (the Krylov space is invariant, e.g. for repeated or
+    zero eigenvalues), the beta is set to 0 and the iteration continues from
+    a fresh seeded random vector orthogonal to the basis, so
+    `num_iterations == dim` recovers the whole spectrum including
+    multiplicities and zero eigenvalues.
+
+    Args:
+        matvec: symmetric operator mapping `[dim]` to `[dim]`.
+        dim: operator dimension.
+        num_iterations: number of Lanczos steps m (matvecs), `1 <= m <= dim`.
+        start_vector: optional `[dim]` start (normalized; warm start). If
+            None or zero, a seeded random Gaussian vector is used.
+        seed: int or integer scalar tensor; the start vector uses
+            `[seed, 0]` and a restart after step j uses `[seed, j + 1]`.
+        dtype: working dtype of the vectors.
+
+    Returns:
+        `LanczosResult(alphas [m], betas [m - 1], basis [m, dim])`.
+
+    References:
+        Lanczos (1950); Golub and Van Loan, Matrix Computations, 4th ed.,
+        chapter 10 (full reorthogonalization).
+    """
+    dim = _check_int("dim", dim, 1)
+    m = _check_int("num_iterations", num_iterations, 1)
+    if m > dim:
+        raise ValueError(
+            f"num_iterations={m} exceeds the operator dimension {dim}; "
+            "pass num_iterations <= dim."
+        )
+    dtype = _check_dtype(dtype)
+    return _lanczos(matvec, dim, m, start_vector, seed, 0, dtype)
+
+
+def tridiagonal_eigh(
+    alphas: tf.Tensor, betas: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Eigendecomposition of a symmetric tridiagonal matrix in float64.
+
+    Args:
+        alphas: `[..., m]` diagonal.
+        betas: `[..., m - 1]` off-diagonal.
+
+    Returns:
+        `(eigenvalues [..., m] ascending, eigenvectors [..., m, m])`, float64,
+        with eigenvectors as columns (as `np.linalg.eigh`).
+    """
+    alphas = tf.cast(alphas, tf.float64)
+    betas = tf.cast(betas, tf.float64)
+    if alphas.shape.rank is None or alphas.shape.rank < 1:
+        raise ValueError("`alphas` must have a static rank >= 1.")
+    m = alphas.shape[-1]
+    num_betas = betas.shape[-1] if betas.shape.rank else None
+    if m is not None and num_betas is not None and num_betas != m - 1:
+        raise ValueError(
+            f"`betas` must have {m - 1} entries (len(alphas) - 1); got "
+            f"{num_betas}."
+        )
+    pad = [[0, 0]] * (alphas.shape.rank - 1) + [[0, 1], [1, 0]]
+    upper = tf.pad(tf.linalg.diag(betas), pad)
+    tridiagonal = (
+        tf.linalg.diag(alphas) + upper + tf.linalg.matrix_transpose(upper)
+    )
+    return tf.linalg.eigh(tridiagonal)
+
+
+# ------------------------------------------------------------- eigenpairs
+
+
+def eigsh_config(
+    dim: int,
+    k: int = 1,
+    *,
+    which: str = "largest",
+    num_iterations: int | None = None,
+) -> int:
+    """Validates `eigsh` arguments and returns the number of iterations used.
+
+    Args:
+        dim: operator dimension.
+        k: number of eigenpairs.
+        which: "largest" or "smallest".
+        num_iterations: requested Lanczos steps or None for the default
+            `min(dim, max(2 * k + 20, 30))`.
+
+    Returns:
+        The number of Lanczos steps, clipped to `dim`.
+    """
+    dim = _check_int("dim", dim, 1)
+    k = _check_int("k", k, 1)
+    if k > dim:
+        raise ValueError(
+            f"k={k} exceeds the operator dimension {dim}; pass k <= dim."
+        )
+    if which not in ("largest", "smallest"):
+        raise ValueError(
+            f"`which` must be 'largest' or 'smallest'; got {which!r}."
+        )
+    if num_iterations is None:
+        return min(dim, max(2 * k + 20, 30))
+    num_iterations = _check_int("num_iterations", num_iterations, 1)
+    if num_iterations < k:
+        raise ValueError(
+            f"num_iterations={num_iterations} is smaller than k={k}; pass "
+            "num_iterations >= k (or None for the default)."
+        )
+    return min(num_iterations, dim)
+
+
+def eigsh(
+    matvec: Matvec,
+    dim: int,
+    k: int = 1,
+    *,
+    which: str = "largest",
+    num_iterations: int | None = None,
+    start_vector: tf.Tensor | None = None,
+    seed: Seed = 0,
+    dtype: Any = tf.float32,
+) -> EigenResult:
+    """Extreme eigenpairs of a symmetric operator by Lanczos (Ritz pairs).
+
+    Args:
+        matvec: symmetric operator mapping `[dim]` to `[dim]`.
+        dim: operator dimension.
+        k: number of eigenpairs, `1 <= k <= dim`.
+        which: "largest" (algebraically largest, sorted descending) or
+            "smallest" (algebraically smallest, sorted ascending); negative
+            eigenvalues count by sign, not magnitude.
+        num_iterations: Lanczos steps; default `min(dim, max(2 * k + 20,
+            30))`. Values above `dim` are clipped to `dim`, which makes the
+            result exact up to rounding.
+        start_vector: optional `[dim]` warm start (e.g. the previous top
+            eigenvector).
+        seed: int or integer scalar tensor for the random start/restarts.
+        dtype: working dtype; the tridiagonal problem is solved in float64.
+
+    Returns:
+        `EigenResult(eigenvalues [k] in dtype, eigenvectors [k, dim])`, the
+        eigenvectors being the Ritz vectors `S^T V` as unit rows.
+
+    References:
+        Golub and Van Loan, Matrix Computations, 4th ed., chapter 10.
+    """
+    m = eigsh_config(dim, k, which=which, num_iterations=num_iterations)
+    dtype = _check_dtype(dtype)
+    result = _lanczos(matvec, dim, m, start_vector, seed, 0, dtype)
+    values, vectors = tridiagonal_eigh(result.alphas, result.betas)
+    if which == "largest":
+        values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
+    else:
+        values, vectors = values[:k], vectors[:, :k]
+    ritz = tf.matmul(tf.cast(vectors, dtype), result.basis, transpose_a=True)
+    ritz = tf.math.l2_normalize(ritz, axis=1)
+    return EigenResult(tf.cast(values, dtype), ritz)
+
+
+def power_iteration(
+    matvec: Matvec,
+    dim: int,
+    *,
+    num_iterations: int = 20,
+    start_vector: tf.Tensor | None = None,
+    seed: Seed = 0,
+    dtype: Any = tf.float32,
+) -> EigenResult:
+    """Dominant eigenpair by power iteration.
+
+    Finds the eigenvalue of largest MAGNITUDE (which may be negative), not
+    the algebraically largest one; use `eigsh` for that. Convergence is
+    linear with rate |lambda_2 / lambda_1| and fails if +lambda and -lambda
+    are both dominant. Uses `num_iterations + 1` matvecs.
+
+    Args:
+        matvec: symmetric operator mapping `[dim]` to `[dim]`.
+        dim: operator dimension.
+        num_iterations: power steps (>= 0); 0 returns the Rayleigh quotient
+            of the start vector.
+        start_vector: optional `[dim]` warm start.
+        seed: int or integer scalar tensor for the random start.
+        dtype: working dtype.
+
+    Returns:
+        `EigenResult(eigenvalues [1], eigenvectors [1, dim])`: the Rayleigh
+        quotient of the last iterate and that unit iterate.
+    """
+    dim = _check_int("dim", dim, 1)
+    num_iterations = _check_int("num_iterations", num_iterations, 0)
+    dtype = _check_dtype(dtype)
+    v = _unit_start(start_vector, dim, seed, 0, dtype)
+
+    def body(i, v, w):
+        norm = tf.norm(w)
+        v = tf.where(norm > 0, tf.math.divide_no_nan(w, norm), v)
+        return i + 1, v, _apply(matvec, v, dim)
+
+    _, v, w = tf.while_loop(
+        lambda i, *_: i < num_iterations,
+        body,
+        (tf.constant(0), v, _apply(matvec, v, dim)),
+        maximum_iterations=num_iterations,
+    )
+    return EigenResult(tf.tensordot(v, w, 1)[tf.newaxis], v[tf.newaxis])
+
+
+# ------------------------------------------------------------------ traces
+
+
+def _sum_quadratic_forms(
+    matvec: Matvec, dim: int, probe: Callable, count: int, dtype: tf.DType
+) -> tf.Tensor:
+    """Sum over i < count of z_i^T A z_i with z_i = probe(i)."""
+
+    def body(i, total):
+        z = probe(i)
+        return i + 1, total + tf.tensordot(z, _apply(matvec, z, dim), 1)
+
+    _, total = tf.while_loop(
+        lambda i, _: i < count,
+        body,
+        (tf.constant(0), tf.zeros([], dtype)),
+        maximum_iterations=count,
+    )
+    return total
+
+
+def hutchinson_trace(
+    matvec: Matvec,
+    dim: int,
+    num_samples: int,
+    *,
+    seed: Seed = 0,
+    dtype: Any = tf.float32,
+) -> tf.Tensor:
+    """Hutchinson trace estimate with Rademacher probes.
+
+    Unbiased, with variance `2 (||A||_F^2 - sum_i a_ii^2) / num_samples`.
+
+    Args:
+        matvec: symmetric operator mapping `[dim]` to `[dim]`.
+        dim: operator dimension.
+        num_samples: number of probes (= matvecs), >= 1.
+        seed: int or integer scalar tensor; probe i uses `[seed, i]`.
+        dtype: working dtype.
+
+    Returns:
+        Scalar trace estimate in `dtype`.
+
+    References:
+        Hutchinson, "A stochastic estimator of the trace of the influence
+        matrix for Laplacian smoothing splines" (1989).
+    """
+    dim = _check_int("dim", dim, 1)
+    num_samples = _check_int("num_samples", num_samples, 1)
+    dtype = _check_dtype(dtype)
+
+    def probe(i):
+        return _rademacher([dim], _seed(seed, i), dtype)
+
+    total = _sum_quadratic_forms(matvec, dim, probe, num_samples, dtype)
+    return total / num_samples
+
+
+def hutchpp_trace(
+    matvec: Matvec,
+    dim: int,
+    num_samples: int,
+    *,
+    seed: Seed = 0,
+    dtype: Any = tf.float32,
+) -> tf.Tensor:
+    """Hutch++ trace estimate using `num_samples` matvecs in total.
+
+    With `s = num_samples // 3`: a sign matrix S [dim, s] gives Q = qr(A S);
+    the estimate is `tr(Q^T A Q)` (s matvecs) plus Hutchinson on the
+    deflated `(I - QQ^T) A (I - QQ^T)` with the remaining
+    `num_samples - 2 s` probes. It is exact when rank(A) <= s and needs
+    O(1/eps) instead of O(1/eps^2) matvecs for relative error eps on PSD A.
+
+    Args:
+        matvec: symmetric operator mapping `[dim]` to `[dim]`.
+        dim: operator dimension.
+        num_samples: total matvecs, >= 3.
+        seed: int or integer scalar tensor; S uses `[seed, 0]` and residual
+            probe i uses `[seed, i + 1]`.
+        dtype: working dtype.
+
+    Returns:
+        Scalar trace estimate in `dtype`.
+
+    References:
+        Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal Stochastic Trace
+        Estimation", SOSA 2021.
+    """
+    dim = _check_int("dim", dim, 1)
+    num_samples = _check_int("num_samples", num_samples, 3)
+    dtype = _check_dtype(dtype)
+    s = num_samples // 3
+    num_probes = num_samples - 2 * s
+    sketch = _rademacher([s, dim], _seed(seed, 0), dtype)
+    images = tf.map_fn(
+        lambda z: _apply(matvec, z, dim),
+        sketch,
+        fn_output_signature=tf.TensorSpec([dim], dtype),
+    )
+    q, _ = tf.linalg.qr(tf.transpose(images))  # [dim, s], orthonormal
+    q_rows = tf.transpose(q)
+
+    def residual_probe(i):
+        z = _rademacher([dim], _seed(seed, i + 1), dtype)
+        return z - tf.linalg.matvec(q, tf.linalg.matvec(q_rows, z))
+
+    low_rank = _sum_quadratic_forms(
+        matvec, dim, lambda i: tf.gather(q_rows, i), s, dtype
+    )
+    residual = _sum_quadratic_forms(
+        matvec, dim, residual_probe, num_probes, dtype
+    )
+    return low_rank + residual / num_probes
+
+
+# ---------------------------------------------------------------- density
+
+
+def slq(
+    matvec: Matvec,
+    dim: int,
+    num_runs: int,
+    num_iterations: int,
+    *,
+    seed: Seed = 0,
+    dtype: Any = tf.float32,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Stochastic Lanczos quadrature of the spectral density.
+
+    Each run starts Lanczos from a seeded uniformly random unit vector v;
+    the Ritz values theta_k and squared first components tau_k^2 of the
+    tridiagonal eigenvectors form a Gauss quadrature of the measure
+    `sum_i (v^T u_i)^2 delta(t - lambda_i)`, whose expectation is the
+    spectral density `(1/dim) sum_i delta(t - lambda_i)`. In particular
+    `sum_k w_k theta_k = v^T A v` estimates `tr(A) / dim`.
+
+    Args:
+        matvec: symmetric operator mapping `[dim]` to `[dim]`.
+        dim: operator dimension.
+        num_runs: number of independent start vectors, >= 1.
+        num_iterations: Lanczos steps per run, >= 1; clipped to `dim`.
+        seed: int or integer scalar tensor; run r draws the seeds
+            `[seed, r * (m + 1) + c]` for c in 0..m.
+        dtype: working dtype of the Lanczos vectors.
+
+    Returns:
+        `(nodes, weights)`, float64 tensors of shape `[num_runs, m]`; nodes
+        ascending per run, weights of each run summing to 1.
+
+    References:
+        Ghorbani, Krishnan and Xiao, "An Investigation into Neural Net
+        Optimization via Hessian Eigenvalue Density", ICML 2019.
+    """
+    dim = _check_int("dim", dim, 1)
+    num_runs = _check_int("num_runs", num_runs, 1)
+    m = min(_check_int("num_iterations", num_iterations, 1), dim)
+    dtype = _check_dtype(dtype)
+
+    def run(r):
+        result = _lanczos(matvec, dim, m, None, seed, r * (m + 1), dtype)
+        return result.alphas, result.betas
+
+    alphas, betas = tf.map_fn(
+        run,
+        tf.range(num_runs, dtype=tf.int64),
+        fn_output_signature=(
+            tf.TensorSpec([m], dtype),
+            tf.TensorSpec([m - 1], dtype),
+        ),
+    )
+    nodes, vectors = tridiagonal_eigh(alphas, betas)
+    return nodes, tf.square(vectors[:, 0, :])
+
+
+def spectral_density(
+    nodes: Any,
+    weights: Any,
+    *,
+    grid: int | np.ndarray | None = None,
+    num_points: int = 1000,
+    sigma: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-smoothed spectral density from SLQ nodes and weights.
+
+    `density(t) = (1 / num_runs) sum_runs sum_k w_k N(t; node_k, sigma^2)`.
+
+    Args:
+        nodes: `[num_runs, m]` (or `[m]` for one run) quadrature nodes.
+        weights: weights of the same shape, each run summing to 1.
+        grid: evaluation points (1-D array), or an int number of points, or
+            None for `num_points` points on `[min - pad, max + pad]` with
+            `pad = 6 sigma`, so the density integrates to 1 on the grid.
+        num_points: grid size when `grid` is None.
+        sigma: kernel width; default `0.01 * (max(nodes) - min(nodes))`, or
+            `0.01 * max(1, max |nodes|)` when all nodes coincide.
+
+    Returns:
+        `(grid, density)` float64 numpy arrays.
+    """
+    nodes = np.asarray(nodes, np.float64)
+    weights = np.asarray(weights, np.float64)
+    if nodes.shape != weights.shape or nodes.ndim not in (1, 2):
+        raise ValueError(
+            f"`nodes` {nodes.shape} and `weights` {weights.shape} must have "
+            "the same shape [num_runs, m] or [m]; pass `slq` outputs."
+        )
+    if nodes.size == 0:
+        raise ValueError("`nodes` is empty; pass `slq` outputs.")
+    nodes, weights = np.atleast_2d(nodes), np.atleast_2d(weights)
+    low, high = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        span = high - low
+        if span <= 0:
+            span = max(1.0, abs(high))
+        sigma = _SIGMA_FRACTION * span
+    if not sigma > 0:
+        raise ValueError(f"`sigma` must be > 0; got {sigma}.")
+    if isinstance(grid, (int, np.integer)):
+        grid, num_points = None, int(grid)
+    if grid is None:
+        num_points = _check_int("num_points", num_points, 2)
+        pad = _GRID_PAD_SIGMAS * sigma
+        grid = np.linspace(low - pad, high + pad, num_points)
+    grid = np.asarray(grid, np.float64)
+    if grid.ndim != 1 or grid.size < 1:
+        raise ValueError(
+            f"`grid` must be 1-D and non-empty; got shape {grid.shape}."
+        )
+    z = (grid[:, None] - nodes.reshape(-1)[None, :]) / sigma
+    kernel = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2.0 * np.pi))
+    density = kernel @ weights.reshape(-1) / nodes.shape[0]
+    return grid, density
