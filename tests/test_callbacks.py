@@ -1,0 +1,285 @@
+"""Keras callbacks: values equal the direct API at the same step."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import build, data_for
+
+import tf_breakeven as tfb
+from tf_breakeven import callbacks as cb
+from tf_breakeven import recording, schedules
+
+
+def _compiled(name="mlp", lr=0.05, seed=0, momentum=0.0):
+    model = build(name, seed=seed)
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _train_data(name="mlp", n=32):
+    x, y = data_for(name, n=n, seed=7)
+    return x.astype("float32"), y
+
+
+class _DirectAtMeasurement(keras.callbacks.Callback):
+    """Runs `fn(model)` right after `probe` measured, at the same step."""
+
+    def __init__(self, probe, fn):
+        super().__init__()
+        self.probe, self.fn, self.pairs = probe, fn, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.probe.records and len(self.pairs) < len(self.probe.records):
+            self.pairs.append((self.probe.records[-1], self.fn(self.model)))
+
+
+def _fit(model, callbacks, epochs=2, data=None, **kwargs):
+    x, y = data if data is not None else _train_data()
+    return model.fit(x, y, batch_size=8, epochs=epochs, verbose=0,
+                     shuffle=False, callbacks=callbacks, **kwargs)
+
+
+def test_hessian_spectrum_equals_direct_eigenvalues():
+    model = _compiled()
+    probe = _train_data(n=16)
+    spectrum = cb.HessianSpectrum(
+        probe, k=2, warm_start=False, trace=True, smallest=True,
+        schedule=schedules.AtSteps([2, 5]),
+    )
+
+    def direct(m):
+        op = tfb.HessianOperator(m, probe)
+        return (op.eigenpairs(k=2).eigenvalues, op.trace(num_samples=30),
+                op.eigenpairs(1, which="smallest").eigenvalues[0])
+
+    check = _DirectAtMeasurement(spectrum, direct)
+    history = _fit(model, [spectrum, check])
+    assert [r["step"] for r, _ in check.pairs] == [2, 5]
+    for record, (top, trace, smallest) in check.pairs:
+        assert record["hessian/lambda_1"] == pytest.approx(top[0], rel=1e-6)
+        assert record["hessian/lambda_2"] == pytest.approx(top[1], rel=1e-6)
+        assert record["hessian/trace"] == pytest.approx(trace, rel=1e-6)
+        assert record["hessian/lambda_min"] == pytest.approx(smallest,
+                                                             rel=1e-6)
+    # The latest values reach the epoch logs (History, CSVLogger, progbar).
+    assert history.history["hessian/lambda_1"][-1] == pytest.approx(
+        check.pairs[-1][1][0][0], rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("cls", [cb.GradientCovariance, cb.GradientConfusion])
+def test_gram_callbacks_equal_gradient_statistics(cls):
+    model = _compiled()
+    probe = _train_data(n=16)
+    callback = cls(probe, microbatch_size=2, schedule=schedules.AtSteps([3]))
+    check = _DirectAtMeasurement(
+        callback,
+        lambda m: tfb.gradient_statistics(m, probe, microbatch_size=2),
+    )
+    _fit(model, [callback, check], epochs=1)
+    ((record, direct),) = check.pairs
+    keys = callback.metric_keys()
+    assert keys and all(k.startswith(cls.prefixes) for k in keys)
+    for key in keys:
+        assert record[key] == pytest.approx(direct[key], rel=1e-9,
+                                            nan_ok=True), key
+
+
+def test_break_even_full_batch_and_user_action():
+    model = _compiled(lr=0.05, momentum=0.5)
+    probe = _train_data(n=16)
+    lambda0 = tfb.hessian_eigenvalues(model, probe)[0]
+    hits = []
+    # The stability is computed with this eta (training uses 0.05): tiny
+    # until step 4, then far beyond 2 (1 + beta) / eta.
+    eta = lambda step: 1e-6 if step < 4 else 10.0 / lambda0  # noqa: E731
+    breakeven = cb.BreakEven(
+        probe, learning_rate=eta, schedule=schedules.EveryNSteps(2),
+        warm_start=False, on_break_even=lambda s, m: hits.append(s),
+    )
+    _fit(model, [breakeven], epochs=1)
+    assert breakeven.breakeven_step == 4 and hits == [4]
+    for record in breakeven.records:
+        eta_r = eta(record["step"])
+        lam = record["hessian/lambda_1"]
+        assert record["breakeven/sharpness_x_lr"] == pytest.approx(eta_r * lam)
+        assert record["breakeven/threshold"] == pytest.approx(2 * 1.5 / eta_r)
+        assert record["breakeven/stability"] == pytest.approx(
+            eta_r * lam / 3.0
+        )
+    assert "breakeven_step" in breakeven.records[1]
+
+
+def test_break_even_sgd_uses_per_example_curvature_variance():
+    model = _compiled(lr=0.1)
+    probe = _train_data(n=16)
+    breakeven = cb.BreakEven(
+        probe, criterion="sgd", batch_size=8, dataset_size=32,
+        warm_start=False, schedule=schedules.AtSteps([2]),
+    )
+
+    def direct(m):
+        pair = tfb.hessian_eigenpairs(m, probe)
+        curv = tfb.directional_curvature(m, probe, pair.eigenvectors[0])
+        return pair.eigenvalues[0], float(np.var(curv.numpy().astype(float)))
+
+    check = _DirectAtMeasurement(breakeven, direct)
+    _fit(model, [breakeven, check], epochs=1)
+    ((record, (lam, s2)),) = check.pairs
+    assert record["breakeven/curvature_variance"] == pytest.approx(s2,
+                                                                   rel=1e-5)
+    expected = (1 - 0.1 * lam) ** 2 + s2 * 0.01 * (32 - 8) / (8 * 31)
+    assert record["breakeven/stability"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_csv_logger_and_history_see_every_key_from_the_first_epoch(tmp_path):
+    model = _compiled()
+    probe = _train_data(n=16)
+    spectrum = cb.HessianSpectrum(probe, schedule=schedules.EveryEpoch(2))
+    csv_path = tmp_path / "log.csv"
+    history = _fit(model, [spectrum, keras.callbacks.CSVLogger(csv_path)],
+                   epochs=3)
+    values = history.history["hessian/lambda_1"]
+    assert len(values) == 3 and not math.isnan(values[0])
+    header = csv_path.read_text().splitlines()[0].split(",")
+    assert "hessian/lambda_1" in header
+
+
+def test_measuring_does_not_change_training_bitwise(tmp_path):
+    data = _train_data()
+    plain = _compiled(name="bn_dropout", momentum=0.9)
+    _fit(plain, [], epochs=2, data=data)
+    measured = _compiled(name="bn_dropout", momentum=0.9)
+    probe = _train_data("bn_dropout", n=16)
+    recorder = recording.Recorder(tmp_path / "r.jsonl", tmp_path / "tb")
+    callbacks = [
+        cb.BreakEven(probe, criterion="sgd", batch_size=8, dataset_size=32,
+                     schedule=1, recorder=recorder, trace=True),
+        cb.GradientCovariance(probe, microbatch_size=4, schedule=2,
+                              recorder=recorder),
+        cb.GradientConfusion(probe, microbatch_size=4, schedule="epoch",
+                             recorder=recorder),
+    ]
+    keras.utils.set_random_seed(0)  # as _compiled did for `plain`'s fit
+    _fit(measured, callbacks, epochs=2, data=data)
+    for a, b in zip(plain.variables, measured.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_diverging_run_records_nan_and_never_raises(tmp_path):
+    # Least squares with a step far past 2 / lambda_1: weights blow up
+    # geometrically to inf, then NaN.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(50.0), loss="mse")
+    x, _ = _train_data()
+    x = x * 10
+    y = np.ones((len(x), 3), "float32")
+    probe = (x[:16], y[:16])
+    path = tmp_path / "r.jsonl"
+    callbacks = [
+        cb.BreakEven(probe, schedule=1, recorder=str(path)),
+        cb.GradientConfusion(probe, microbatch_size=2, schedule=1,
+                             recorder=str(path)),
+    ]
+    history = _fit(model, callbacks, epochs=4, data=(x, y))
+    assert math.isnan(history.history["loss"][-1])
+    last = recording.read_records(path)[-1]
+    assert math.isnan(last["confusion/eta"])
+    assert math.isnan(history.history["hessian/lambda_1"][-1])
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: cb.HessianSpectrum((p[0][:, :3], p[1])), "does not fit"),
+        (lambda p: cb.HessianSpectrum(p, schedule=schedules.AtSteps([999])),
+         "never fires"),
+        (lambda p: cb.GradientCovariance(p, microbatch_size=5),
+         "does not divide"),
+    ],
+    ids=["probe_shape", "schedule_never_fires", "microbatch"],
+)
+def test_bad_configuration_fails_at_train_begin(make, match):
+    model = _compiled()
+    with pytest.raises(ValueError, match=match):
+        _fit(model, [make(_train_data(n=16))], epochs=1)
+
+
+def test_bad_constructor_arguments():
+    probe = _train_data(n=16)
+    with pytest.raises(ValueError, match="k"):
+        cb.HessianSpectrum(probe, k=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        cb.BreakEven(probe, criterion="sgd")
+
+
+def test_break_even_needs_a_readable_learning_rate():
+    model = build("mlp")
+    model.compile(loss="sparse_categorical_crossentropy",
+                  optimizer=keras.optimizers.SGD(0.1))
+    model.optimizer.learning_rate  # readable: fine
+    broken = cb.BreakEven(_train_data(n=16), learning_rate=0.0)
+    with pytest.raises(ValueError, match="learning rate"):
+        _fit(model, [broken], epochs=1)
+
+
+def test_resume_continues_records_without_duplicates(tmp_path):
+    """A crash mid-epoch, then fit again with BackupAndRestore."""
+    x, y = _train_data()
+    probe = (x[:16], y[:16])
+    path = tmp_path / "records.jsonl"
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.optimizer.iterations.numpy() == 10:
+                raise RuntimeError("simulated crash")
+
+    def run(extra):
+        model = _compiled()
+        callbacks = [
+            cb.BreakEven(probe, schedule=1, recorder=str(path)),
+            keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+        ] + extra
+        _fit(model, callbacks, epochs=3, data=(x, y))
+        return callbacks[0]
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        run([Crash()])
+    # Steps 1..10 were recorded; the last backup is from the end of epoch
+    # 1 (step 8), so steps 9 and 10 are measured again after the restart.
+    assert [r["step"] for r in recording.read_records(path, "BreakEven")] == (
+        list(range(1, 11))
+    )
+    resumed = run([])
+    steps = [r["step"] for r in recording.read_records(path, "BreakEven")]
+    assert steps == list(range(1, 13))
+    assert [r["step"] for r in resumed.records] == list(range(9, 13))
+
+
+def test_presets_build_working_callbacks(tmp_path):
+    x, y = _train_data(n=64)
+    for name in cb.PRESETS:
+        model = _compiled()
+        callbacks = cb.preset(name, (x, y), recorder=str(tmp_path / name))
+        history = _fit(model, callbacks, epochs=1, data=(x, y))
+        assert not math.isnan(history.history["hessian/lambda_1"][-1])
+    with pytest.raises(ValueError, match="preset"):
+        cb.preset("luxury", (x, y))
+
+
+def test_make_probe_is_seeded_and_sized():
+    x, y = _train_data(n=40)
+    a = list(cb.make_probe((x, y), 10, batch_size=4, seed=1))
+    b = list(cb.make_probe((x, y), 10, batch_size=4, seed=1))
+    assert sum(len(t[1]) for t in a) == 10
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    assert sum(len(t[1]) for t in cb.make_probe(dataset, 0.25)) == 10

@@ -1,0 +1,121 @@
+"""Stability of SGD along the sharpest direction and the break-even point.
+
+Definitions (Jastrzebski et al. 2020, section 3; Wu et al. 2018):
+
+* full batch, plain GD: a step of size eta is unstable along the top
+  Hessian eigenvector when `eta * lambda_1 >= 2`; with heavy-ball momentum
+  beta the threshold is `lambda_1 >= 2 (1 + beta) / eta`.
+* SGD (paper eq. 1): with e the top eigenvector, s^2 = Var_i[e^T H_i e]
+  over examples, N the training-set size and S the batch size, the step is
+  unstable when
+  `(1 - eta lambda_1)^2 + s^2 eta^2 (N - S) / (S (N - 1)) > 1`.
+
+`stability_ratio` puts both on one scale: 1 is the boundary, above it the
+step is unstable. The break-even point is the first measured step where the
+chosen condition is violated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+CRITERIA = ("full_batch", "sgd")
+
+
+def momentum_threshold(learning_rate: float, momentum: float = 0.0) -> float:
+    """Largest stable lambda_1 of (heavy-ball) GD: 2 (1 + beta) / eta."""
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0; got {learning_rate}.")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1); got {momentum}.")
+    return 2.0 * (1.0 + momentum) / learning_rate
+
+
+def sgd_stability(
+    learning_rate: float,
+    lambda_1: float,
+    curvature_variance: float,
+    batch_size: int,
+    dataset_size: int,
+) -> float:
+    """Left-hand side of the break-even paper's eq. 1 (> 1: unstable)."""
+    if batch_size < 1 or dataset_size < 2 or batch_size > dataset_size:
+        raise ValueError(
+            "Need 1 <= batch_size <= dataset_size and dataset_size >= 2; got "
+            f"batch_size={batch_size}, dataset_size={dataset_size}."
+        )
+    eta, n, s = learning_rate, dataset_size, batch_size
+    noise = curvature_variance * eta**2 * (n - s) / (s * (n - 1))
+    return (1.0 - eta * lambda_1) ** 2 + noise
+
+
+def stability_ratio(
+    criterion: str,
+    *,
+    learning_rate: float,
+    lambda_1: float,
+    momentum: float = 0.0,
+    curvature_variance: float | None = None,
+    batch_size: int | None = None,
+    dataset_size: int | None = None,
+) -> float:
+    """The chosen stability condition as a ratio; >= 1 means unstable.
+
+    Args:
+        criterion: "full_batch" (lambda_1 over the momentum threshold) or
+            "sgd" (eq. 1's left-hand side; needs `curvature_variance`,
+            `batch_size` and `dataset_size`; plain SGD only).
+        learning_rate, lambda_1, momentum: eta, top eigenvalue, beta.
+        curvature_variance, batch_size, dataset_size: s^2, S and N.
+
+    Returns:
+        A float; NaN if lambda_1 (or s^2) is NaN (a diverged run).
+    """
+    if criterion == "full_batch":
+        return lambda_1 / momentum_threshold(learning_rate, momentum)
+    if criterion == "sgd":
+        if None in (curvature_variance, batch_size, dataset_size):
+            raise ValueError(
+                "criterion='sgd' needs curvature_variance, batch_size and "
+                "dataset_size."
+            )
+        return sgd_stability(
+            learning_rate,
+            lambda_1,
+            curvature_variance,
+            batch_size,
+            dataset_size,
+        )
+    raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}.")
+
+
+def is_unstable(criterion: str, ratio: float) -> bool:
+    """Whether a ratio from `stability_ratio` violates the condition."""
+    if math.isnan(ratio):
+        return False
+    return ratio >= 1.0 if criterion == "full_batch" else ratio > 1.0
+
+
+def find_break_even(
+    records: Iterable[Mapping],
+    *,
+    key: str = "breakeven/stability",
+    criterion: str = "full_batch",
+) -> int | None:
+    """First step whose record violates the condition, or None.
+
+    Args:
+        records: dicts with a "step" and `key` (e.g. read back with
+            `tf_breakeven.recording.read_records`), in any order.
+        key: the record key holding the stability ratio.
+        criterion: which condition the ratio came from.
+    """
+    steps = sorted(
+        int(r["step"])
+        for r in records
+        if key in r
+        and r[key] is not None
+        and is_unstable(criterion, float(r[key]))
+    )
+    return steps[0] if steps else None
