@@ -41,22 +41,37 @@ class _DirectAtMeasurement(keras.callbacks.Callback):
 
 def _fit(model, callbacks, epochs=2, data=None, **kwargs):
     x, y = data if data is not None else _train_data()
-    return model.fit(x, y, batch_size=8, epochs=epochs, verbose=0,
-                     shuffle=False, callbacks=callbacks, **kwargs)
+    return model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 def test_hessian_spectrum_equals_direct_eigenvalues():
     model = _compiled()
     probe = _train_data(n=16)
     spectrum = cb.HessianSpectrum(
-        probe, k=2, warm_start=False, trace=True, smallest=True,
+        probe,
+        k=2,
+        warm_start=False,
+        trace=True,
+        smallest=True,
         schedule=schedules.AtSteps([2, 5]),
     )
 
     def direct(m):
         op = tfb.HessianOperator(m, probe)
-        return (op.eigenpairs(k=2).eigenvalues, op.trace(num_samples=30),
-                op.eigenpairs(1, which="smallest").eigenvalues[0])
+        return (
+            op.eigenpairs(k=2).eigenvalues,
+            op.trace(num_samples=30),
+            op.eigenpairs(1, which="smallest").eigenvalues[0],
+        )
 
     check = _DirectAtMeasurement(spectrum, direct)
     history = _fit(model, [spectrum, check])
@@ -65,8 +80,7 @@ def test_hessian_spectrum_equals_direct_eigenvalues():
         assert record["hessian/lambda_1"] == pytest.approx(top[0], rel=1e-6)
         assert record["hessian/lambda_2"] == pytest.approx(top[1], rel=1e-6)
         assert record["hessian/trace"] == pytest.approx(trace, rel=1e-6)
-        assert record["hessian/lambda_min"] == pytest.approx(smallest,
-                                                             rel=1e-6)
+        assert record["hessian/lambda_min"] == pytest.approx(smallest, rel=1e-6)
     # The latest values reach the epoch logs (History, CSVLogger, progbar).
     assert history.history["hessian/lambda_1"][-1] == pytest.approx(
         check.pairs[-1][1][0][0], rel=1e-6
@@ -87,8 +101,9 @@ def test_gram_callbacks_equal_gradient_statistics(cls):
     keys = callback.metric_keys()
     assert keys and all(k.startswith(cls.prefixes) for k in keys)
     for key in keys:
-        assert record[key] == pytest.approx(direct[key], rel=1e-9,
-                                            nan_ok=True), key
+        assert record[key] == pytest.approx(
+            direct[key], rel=1e-9, nan_ok=True
+        ), key
 
 
 def test_break_even_full_batch_and_user_action():
@@ -100,8 +115,11 @@ def test_break_even_full_batch_and_user_action():
     # until step 4, then far beyond 2 (1 + beta) / eta.
     eta = lambda step: 1e-6 if step < 4 else 10.0 / lambda0  # noqa: E731
     breakeven = cb.BreakEven(
-        probe, learning_rate=eta, schedule=schedules.EveryNSteps(2),
-        warm_start=False, on_break_even=lambda s, m: hits.append(s),
+        probe,
+        learning_rate=eta,
+        schedule=schedules.EveryNSteps(2),
+        warm_start=False,
+        on_break_even=lambda s, m: hits.append(s),
     )
     _fit(model, [breakeven], epochs=1)
     assert breakeven.breakeven_step == 4 and hits == [4]
@@ -110,9 +128,7 @@ def test_break_even_full_batch_and_user_action():
         lam = record["hessian/lambda_1"]
         assert record["breakeven/sharpness_x_lr"] == pytest.approx(eta_r * lam)
         assert record["breakeven/threshold"] == pytest.approx(2 * 1.5 / eta_r)
-        assert record["breakeven/stability"] == pytest.approx(
-            eta_r * lam / 3.0
-        )
+        assert record["breakeven/stability"] == pytest.approx(eta_r * lam / 3.0)
     assert "breakeven_step" in breakeven.records[1]
 
 
@@ -120,8 +136,12 @@ def test_break_even_sgd_uses_per_example_curvature_variance():
     model = _compiled(lr=0.1)
     probe = _train_data(n=16)
     breakeven = cb.BreakEven(
-        probe, criterion="sgd", batch_size=8, dataset_size=32,
-        warm_start=False, schedule=schedules.AtSteps([2]),
+        probe,
+        criterion="sgd",
+        batch_size=8,
+        dataset_size=32,
+        warm_start=False,
+        schedule=schedules.AtSteps([2]),
     )
 
     def direct(m):
@@ -132,8 +152,7 @@ def test_break_even_sgd_uses_per_example_curvature_variance():
     check = _DirectAtMeasurement(breakeven, direct)
     _fit(model, [breakeven, check], epochs=1)
     ((record, (lam, s2)),) = check.pairs
-    assert record["breakeven/curvature_variance"] == pytest.approx(s2,
-                                                                   rel=1e-5)
+    assert record["breakeven/curvature_variance"] == pytest.approx(s2, rel=1e-5)
     expected = (1 - 0.1 * lam) ** 2 + s2 * 0.01 * (32 - 8) / (8 * 31)
     assert record["breakeven/stability"] == pytest.approx(expected, rel=1e-5)
 
@@ -143,8 +162,9 @@ def test_csv_logger_and_history_see_every_key_from_the_first_epoch(tmp_path):
     probe = _train_data(n=16)
     spectrum = cb.HessianSpectrum(probe, schedule=schedules.EveryEpoch(2))
     csv_path = tmp_path / "log.csv"
-    history = _fit(model, [spectrum, keras.callbacks.CSVLogger(csv_path)],
-                   epochs=3)
+    history = _fit(
+        model, [spectrum, keras.callbacks.CSVLogger(csv_path)], epochs=3
+    )
     values = history.history["hessian/lambda_1"]
     assert len(values) == 3 and not math.isnan(values[0])
     header = csv_path.read_text().splitlines()[0].split(",")
@@ -159,12 +179,21 @@ def test_measuring_does_not_change_training_bitwise(tmp_path):
     probe = _train_data("bn_dropout", n=16)
     recorder = recording.Recorder(tmp_path / "r.jsonl", tmp_path / "tb")
     callbacks = [
-        cb.BreakEven(probe, criterion="sgd", batch_size=8, dataset_size=32,
-                     schedule=1, recorder=recorder, trace=True),
-        cb.GradientCovariance(probe, microbatch_size=4, schedule=2,
-                              recorder=recorder),
-        cb.GradientConfusion(probe, microbatch_size=4, schedule="epoch",
-                             recorder=recorder),
+        cb.BreakEven(
+            probe,
+            criterion="sgd",
+            batch_size=8,
+            dataset_size=32,
+            schedule=1,
+            recorder=recorder,
+            trace=True,
+        ),
+        cb.GradientCovariance(
+            probe, microbatch_size=4, schedule=2, recorder=recorder
+        ),
+        cb.GradientConfusion(
+            probe, microbatch_size=4, schedule="epoch", recorder=recorder
+        ),
     ]
     keras.utils.set_random_seed(0)  # as _compiled did for `plain`'s fit
     _fit(measured, callbacks, epochs=2, data=data)
@@ -185,8 +214,9 @@ def test_diverging_run_records_nan_and_never_raises(tmp_path):
     path = tmp_path / "r.jsonl"
     callbacks = [
         cb.BreakEven(probe, schedule=1, recorder=str(path)),
-        cb.GradientConfusion(probe, microbatch_size=2, schedule=1,
-                             recorder=str(path)),
+        cb.GradientConfusion(
+            probe, microbatch_size=2, schedule=1, recorder=str(path)
+        ),
     ]
     history = _fit(model, callbacks, epochs=4, data=(x, y))
     assert math.isnan(history.history["loss"][-1])
@@ -199,10 +229,14 @@ def test_diverging_run_records_nan_and_never_raises(tmp_path):
     "make,match",
     [
         (lambda p: cb.HessianSpectrum((p[0][:, :3], p[1])), "does not fit"),
-        (lambda p: cb.HessianSpectrum(p, schedule=schedules.AtSteps([999])),
-         "never fires"),
-        (lambda p: cb.GradientCovariance(p, microbatch_size=5),
-         "does not divide"),
+        (
+            lambda p: cb.HessianSpectrum(p, schedule=schedules.AtSteps([999])),
+            "never fires",
+        ),
+        (
+            lambda p: cb.GradientCovariance(p, microbatch_size=5),
+            "does not divide",
+        ),
     ],
     ids=["probe_shape", "schedule_never_fires", "microbatch"],
 )
@@ -220,14 +254,13 @@ def test_bad_constructor_arguments():
         cb.BreakEven(probe, criterion="sgd")
 
 
-def test_break_even_needs_a_readable_learning_rate():
-    model = build("mlp")
-    model.compile(loss="sparse_categorical_crossentropy",
-                  optimizer=keras.optimizers.SGD(0.1))
-    model.optimizer.learning_rate  # readable: fine
+def test_break_even_needs_a_readable_positive_learning_rate():
+    model = _compiled()
     broken = cb.BreakEven(_train_data(n=16), learning_rate=0.0)
     with pytest.raises(ValueError, match="learning rate"):
         _fit(model, [broken], epochs=1)
+    with pytest.raises(ValueError, match="cannot read a learning rate"):
+        cb._learning_rate(object())
 
 
 def test_resume_continues_records_without_duplicates(tmp_path):
@@ -279,7 +312,7 @@ def test_make_probe_is_seeded_and_sized():
     a = list(cb.make_probe((x, y), 10, batch_size=4, seed=1))
     b = list(cb.make_probe((x, y), 10, batch_size=4, seed=1))
     assert sum(len(t[1]) for t in a) == 10
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, _), (xb, _) in zip(a, b):
         np.testing.assert_array_equal(xa, xb)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     assert sum(len(t[1]) for t in cb.make_probe(dataset, 0.25)) == 10

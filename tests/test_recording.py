@@ -11,16 +11,21 @@ from tf_breakeven import recording
 
 def _write_steps(recorder, steps):
     for step in steps:
-        recorder.write(step=step, epoch=0, source="S",
-                       metrics={"m": float(step)})
+        recorder.write(
+            step=step, epoch=0, source="S", metrics={"m": float(step)}
+        )
 
 
 def test_records_round_trip_with_nan_and_histograms(tmp_path):
     path = tmp_path / "run" / "records.jsonl"
     recorder = recording.Recorder(path)
     recorder.write(
-        step=3, epoch=1, source="S", metrics={"a": 1.5, "b": math.nan},
-        config={"k": 2}, histograms={"confusion/cosines": [-0.5, 0.2, 0.2]},
+        step=3,
+        epoch=1,
+        source="S",
+        metrics={"a": 1.5, "b": math.nan},
+        config={"k": 2},
+        histograms={"confusion/cosines": [-0.5, 0.2, 0.2]},
         curves={"density": (np.array([0.0, 1.0]), np.array([0.5, 0.5]))},
     )
     (record,) = recording.read_records(path)
@@ -56,7 +61,12 @@ def test_corruption_in_the_middle_raises(tmp_path):
 
 def test_tensorboard_events_are_written(tmp_path):
     recorder = recording.Recorder(tensorboard_dir=tmp_path / "tb")
-    recorder.write(step=1, epoch=0, source="S", metrics={"hessian/lambda_1": 2},
-                   histograms={"confusion/cosines": [0.1, -0.2]})
+    recorder.write(
+        step=1,
+        epoch=0,
+        source="S",
+        metrics={"hessian/lambda_1": 2},
+        histograms={"confusion/cosines": [0.1, -0.2]},
+    )
     recorder.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -16,8 +16,26 @@ def test_every_n_steps():
 
 def test_log_spaced_is_dense_early_and_sparse_late():
     fired = _fired(schedules.LogSpaced(per_decade=10), 100)
-    assert fired == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 63,
-                     79, 100]
+    assert fired == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        8,
+        10,
+        13,
+        16,
+        20,
+        25,
+        32,
+        40,
+        50,
+        63,
+        79,
+        100,
+    ]
     bounded = schedules.LogSpaced(last=45, first=2, per_decade=4)
     assert _fired(bounded, 1000) == [2, 4, 6, 11, 20, 36, 45]
 

@@ -54,8 +54,12 @@ def test_find_break_even_takes_the_first_violating_step():
         {"criterion": "sgd", "learning_rate": 0.1, "lambda_1": 1.0},
         {"criterion": "newton", "learning_rate": 0.1, "lambda_1": 1.0},
         {"criterion": "full_batch", "learning_rate": 0.0, "lambda_1": 1.0},
-        {"criterion": "full_batch", "learning_rate": 0.1, "lambda_1": 1.0,
-         "momentum": 1.0},
+        {
+            "criterion": "full_batch",
+            "learning_rate": 0.1,
+            "lambda_1": 1.0,
+            "momentum": 1.0,
+        },
     ],
     ids=["sgd_missing_args", "bad_criterion", "zero_lr", "momentum_one"],
 )
