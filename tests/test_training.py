@@ -1,0 +1,203 @@
+"""TrackingModel: same trajectory as Keras, statistics equal direct calls."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import build, cross_entropy, data_for
+
+import tf_breakeven as tfb
+from tf_breakeven import statistics, training
+
+
+def _data(name="mlp", n=32):
+    x, y = data_for(name, n=n, seed=7)
+    return x.astype("float32"), y
+
+
+def _model(name="mlp", tracking=None, lr=0.1, momentum=0.0):
+    keras.utils.set_random_seed(0)
+    base = build(name, compile_loss=False)
+    model = base if tracking is None else training.track(base, tracking)
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=momentum),
+        loss=cross_entropy(),
+    )
+    return model
+
+
+def _fit(model, data, **kwargs):
+    kwargs = {
+        "batch_size": 8,
+        "epochs": 2,
+        "verbose": 0,
+        "shuffle": False,
+        **kwargs,
+    }
+    return model.fit(*data, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn_dropout"])
+def test_tracking_never_changes_the_trajectory(name):
+    data = _data(name)
+    plain = _model(name, momentum=0.9)
+    _fit(plain, data)
+    config = training.TrackingConfig(
+        every=2, gram=True, microbatch_size=2, hessian_every=3
+    )
+    tracked = _model(name, config, momentum=0.9)
+    history = _fit(tracked, data)
+    for a, b in zip(plain.variables, tracked.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert set(tracked.tracking_keys) <= set(history.history)
+
+
+def test_statistics_of_a_step_equal_the_direct_api():
+    x, y = _data(n=8)
+    model = _model(tracking={"gram": True, "microbatch_size": 2}, lr=0.1)
+    expected = tfb.gradient_statistics(model, (x, y), microbatch_size=2)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(
+                y, model(x, training=True), from_logits=True
+            )
+        )
+    grad_norm = float(
+        tf.linalg.global_norm(tape.gradient(loss, model.trainable_variables))
+    )
+    history = _fit(model, (x, y), epochs=1)
+    logs = {k: v[-1] for k, v in history.history.items()}
+    assert logs["grad/step_norm"] == pytest.approx(grad_norm, rel=1e-5)
+    assert logs["grad/update_norm"] == pytest.approx(0.1 * grad_norm, rel=1e-5)
+    for key in training.GRAM_KEYS:
+        assert logs[key] == pytest.approx(
+            expected[key[len("batch/") :]], rel=1e-5
+        ), key
+
+
+def test_tf_gram_statistics_equal_the_numpy_ones(rng):
+    rows = rng.normal(size=(7, 20))
+    rows[3] = 0.0  # a zero-norm sample (TRAPS.md 20)
+    gram = rows @ rows.T
+    expected = statistics.gram_statistics(gram, microbatch_size=4)
+    got = training.gram_statistics_tf(tf.constant(gram), 4)
+    for key, value in got.items():
+        assert float(value) == pytest.approx(
+            expected[key[len("batch/") :]], rel=1e-10
+        ), key
+
+
+def test_tracking_is_a_graph_conditional_not_a_retrace(monkeypatch):
+    traces = []
+    original = training.TrackingModel.train_step
+
+    def counting(self, data):
+        traces.append(1)  # Python runs only while tracing
+        return original(self, data)
+
+    monkeypatch.setattr(training.TrackingModel, "train_step", counting)
+    model = _model(tracking={"every": 3, "gram": True, "hessian_every": 2})
+    _fit(model, _data(), epochs=3)
+    assert len(traces) == 1
+
+
+def test_running_hessian_estimate_converges_on_a_fixed_batch():
+    x, y = _data(n=8)
+    model = _model(tracking={"hessian_every": 1}, lr=0.0)
+    history = _fit(model, (x, y), epochs=200)
+    running = history.history["hessian/lambda_1_running"][-1]
+    top = tfb.hessian_eigenvalues(model, (x, y), k=2)
+    assert abs(top[0]) > 1.2 * abs(top[1])  # a clear gap: power converges
+    assert running == pytest.approx(top[0], rel=1e-3)
+
+
+def test_config_round_trip_and_bad_config(tmp_path):
+    model = _model(tracking={"every": 4, "gram": True, "microbatch_size": 2})
+    _fit(model, _data(), epochs=1)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(
+        path, custom_objects={"TrackingModel": training.TrackingModel}
+    )
+    assert loaded.tracking == model.tracking
+    with pytest.raises(ValueError, match="every"):
+        training.TrackingConfig(every=0)
+    bn = _model("cnn_bn", tracking={"gram": True})
+    with pytest.raises(ValueError, match="microbatch_size >= 2"):
+        _fit(bn, _data("cnn_bn"), epochs=1)
+
+
+_MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    replicas = int(sys.argv[1])
+    if replicas > 1:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    sys.path.insert(0, sys.argv[2])
+    import keras
+    from conftest import build, cross_entropy, data_for
+    import tf_breakeven as tfb
+    from tf_breakeven import callbacks, schedules, training
+    x, y = data_for("mlp", n=32, seed=7)
+    x = x.astype("float32")
+    strategy = (tf.distribute.MirroredStrategy() if replicas > 1
+                else tf.distribute.get_strategy())
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = training.track(build("mlp", compile_loss=False), {
+            "gram": True, "microbatch_size": 2, "hessian_every": 1})
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=cross_entropy())
+    probe = (x[:16], y[:16])
+    spectrum = callbacks.BreakEven(probe, schedule=schedules.AtSteps([3]),
+                                   warm_start=False)
+    covariance = callbacks.GradientCovariance(
+        probe, microbatch_size=2, schedule=schedules.AtSteps([3]))
+    history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
+                        verbose=0, callbacks=[spectrum, covariance])
+    out = {k: float(v[-1]) for k, v in history.history.items()}
+    out.update({"cb/" + k: float(v) for k, v in spectrum.records[0].items()
+                if isinstance(v, float)})
+    out.update({"cb/" + k: float(v) for k, v in covariance.records[0].items()
+                if isinstance(v, float)})
+    out["replicas"] = strategy.num_replicas_in_sync
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def _run_replicas(replicas, tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(_MIRRORED_SCRIPT)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, str(script), str(replicas), tests_dir],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert lines, result.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_mirrored_strategy_gives_the_single_device_numbers(tmp_path):
+    one = _run_replicas(1, tmp_path)
+    two = _run_replicas(2, tmp_path)
+    assert one.pop("replicas") == 1 and two.pop("replicas") == 2
+    assert one.keys() == two.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
