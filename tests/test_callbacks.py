@@ -10,7 +10,7 @@ from conftest import build, data_for
 
 import tf_breakeven as tfb
 from tf_breakeven import callbacks as cb
-from tf_breakeven import recording, schedules
+from tf_breakeven import presets, recording, schedules
 
 
 def _compiled(name="mlp", lr=0.05, seed=0, momentum=0.0):
@@ -298,21 +298,21 @@ def test_resume_continues_records_without_duplicates(tmp_path):
 
 def test_presets_build_working_callbacks(tmp_path):
     x, y = _train_data(n=64)
-    for name in cb.PRESETS:
+    for name in presets.PRESETS:
         model = _compiled()
-        callbacks = cb.preset(name, (x, y), recorder=str(tmp_path / name))
+        callbacks = presets.preset(name, (x, y), recorder=str(tmp_path / name))
         history = _fit(model, callbacks, epochs=1, data=(x, y))
         assert not math.isnan(history.history["hessian/lambda_1"][-1])
     with pytest.raises(ValueError, match="preset"):
-        cb.preset("luxury", (x, y))
+        presets.preset("luxury", (x, y))
 
 
 def test_make_probe_is_seeded_and_sized():
     x, y = _train_data(n=40)
-    a = list(cb.make_probe((x, y), 10, batch_size=4, seed=1))
-    b = list(cb.make_probe((x, y), 10, batch_size=4, seed=1))
+    a = list(presets.make_probe((x, y), 10, batch_size=4, seed=1))
+    b = list(presets.make_probe((x, y), 10, batch_size=4, seed=1))
     assert sum(len(t[1]) for t in a) == 10
     for (xa, _), (xb, _) in zip(a, b):
         np.testing.assert_array_equal(xa, xb)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    assert sum(len(t[1]) for t in cb.make_probe(dataset, 0.25)) == 10
+    assert sum(len(t[1]) for t in presets.make_probe(dataset, 0.25)) == 10

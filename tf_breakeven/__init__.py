@@ -6,7 +6,24 @@ eigenvalues, trace and spectral density; the spectrum and conditioning of
 the gradient covariance; gradient confusion, diversity and noise scale.
 """
 
-from tf_breakeven import functional, linalg, statistics
+from tf_breakeven import (
+    callbacks,
+    functional,
+    linalg,
+    plotting,
+    presets,
+    recording,
+    schedules,
+    stability,
+    statistics,
+    training,
+)
+from tf_breakeven.callbacks import (
+    BreakEven,
+    GradientConfusion,
+    GradientCovariance,
+    HessianSpectrum,
+)
 from tf_breakeven.gradients import (
     gradient_gram,
     gradient_statistics,
@@ -22,12 +39,23 @@ from tf_breakeven.hessian import (
     hessian_trace,
     hessian_vector_product,
 )
+from tf_breakeven.presets import make_probe, preset
+from tf_breakeven.recording import Recorder, read_records
+from tf_breakeven.training import TrackingConfig, TrackingModel, track
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BreakEven",
+    "GradientConfusion",
+    "GradientCovariance",
     "HessianEigenpairs",
     "HessianOperator",
+    "HessianSpectrum",
+    "Recorder",
+    "TrackingConfig",
+    "TrackingModel",
+    "callbacks",
     "directional_curvature",
     "functional",
     "gradient_gram",
@@ -38,6 +66,16 @@ __all__ = [
     "hessian_trace",
     "hessian_vector_product",
     "linalg",
+    "make_probe",
     "per_example_gradients",
+    "plotting",
+    "preset",
+    "presets",
+    "read_records",
+    "recording",
+    "schedules",
+    "stability",
     "statistics",
+    "track",
+    "training",
 ]

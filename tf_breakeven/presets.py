@@ -1,0 +1,193 @@
+"""Presets: a sensible set of measurement callbacks in one line.
+
+Also `make_probe`, which draws a seeded probe set from training data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_breakeven import recording, schedules
+from tf_breakeven.callbacks import (
+    BreakEven,
+    GradientConfusion,
+    GradientCovariance,
+    HessianSpectrum,
+    _as_recorder,
+)
+
+
+def _count(dataset: tf.data.Dataset) -> int:
+    cardinality = int(dataset.cardinality())
+    if cardinality >= 0:
+        return cardinality
+    return int(dataset.reduce(0, lambda n, _: n + 1))
+
+
+def make_probe(
+    data: Any,
+    size: int | float,
+    *,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Draws a seeded random probe set from training data.
+
+    Args:
+        data: `(x, y[, sample_weight])` arrays, or a finite `tf.data.Dataset`
+            of such batches (as passed to `fit`).
+        size: number of examples, or a fraction in (0, 1] of the data.
+        batch_size: batch size of the returned probe dataset.
+        seed: which examples are drawn.
+
+    Returns:
+        A finite `tf.data.Dataset` of `size` examples in batches.
+    """
+    if isinstance(data, tf.data.Dataset):
+        examples = data.unbatch()
+        total = _count(examples)
+    else:
+        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+            raise ValueError(
+                "`data` must be (x, y[, sample_weight]) arrays or a "
+                "tf.data.Dataset of such batches."
+            )
+        total = len(tf.nest.flatten(data[1])[0])
+        examples = None
+    if isinstance(size, float):
+        if not 0 < size <= 1:
+            raise ValueError(
+                f"A fractional `size` must be in (0, 1]; got {size}."
+            )
+        size = max(1, int(round(size * total)))
+    if size < 1 or size > total:
+        raise ValueError(
+            f"Probe size {size} must be between 1 and the {total} examples."
+        )
+    if examples is None:
+        rng = np.random.default_rng(seed)
+        index = np.sort(rng.choice(total, size=size, replace=False))
+        picked = tf.nest.map_structure(
+            lambda a: np.asarray(a)[index], tuple(data)
+        )
+        return tf.data.Dataset.from_tensor_slices(picked).batch(batch_size)
+    return (
+        examples.shuffle(total, seed=seed, reshuffle_each_iteration=False)
+        .take(size)
+        .batch(batch_size)
+        .cache()
+    )
+
+
+PRESETS = ("economy", "paper", "full")
+
+
+def preset(
+    name: str,
+    train_data: Any,
+    *,
+    recorder: recording.Recorder | str | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    dataset_size: int | None = None,
+) -> list[keras.callbacks.Callback]:
+    """A sensible set of callbacks for a cost budget, in one line.
+
+    * "economy" (cheap; the default of the launchers): `BreakEven` with
+      k = 1 on 128 probe examples, warm-started 6-step Lanczos, at
+      log-spaced steps (3 per decade). One cold 20-step power iteration
+      costs ~25-30 small-CNN training steps (TRAPS.md 17); warm starts and
+      log spacing keep the total small on long runs.
+    * "paper": the papers' protocol each epoch on a 5% probe set:
+      `BreakEven` (20 Lanczos steps), `GradientCovariance` and
+      `GradientConfusion` with micro-batches of M = 128 (smaller if the
+      probe is small).
+    * "full": "paper" plus top-5 eigenvalues, trace, smallest eigenvalue
+      and spectral density, each epoch and at log-spaced steps.
+
+    Args:
+        name: one of `PRESETS`.
+        train_data: the training data (arrays or dataset), from which the
+            probe set is drawn with `seed`.
+        recorder: shared `Recorder` or JSONL path.
+        seed: probe draw and solver seed.
+        batch_size, dataset_size: S and N; when both are given, `BreakEven`
+            uses the SGD criterion (eq. 1), else the full-batch one.
+
+    Returns:
+        A list of callbacks for `model.fit(..., callbacks=...)`.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose from {PRESETS}.")
+    recorder = _as_recorder(recorder)
+    criterion = {}
+    if batch_size is not None and dataset_size is not None:
+        criterion = {
+            "criterion": "sgd",
+            "batch_size": batch_size,
+            "dataset_size": dataset_size,
+        }
+    common = {"recorder": recorder, "seed": seed}
+    if name == "economy":
+        probe = make_probe(train_data, _at_most(train_data, 128), seed=seed)
+        return [
+            BreakEven(
+                probe,
+                k=1,
+                num_iterations=6,
+                warm_start=True,
+                schedule=schedules.LogSpaced(per_decade=3),
+                **criterion,
+                **common,
+            )
+        ]
+    probe = make_probe(train_data, 0.05, seed=seed)
+    size = sum(int(tf.shape(b[1])[0]) for b in probe)
+    micro = min(128, max(1, size // 8))
+    usable = size - size % micro
+    if usable != size:
+        probe = probe.unbatch().take(usable).batch(128).cache()
+    schedule = (
+        "epoch"
+        if name == "paper"
+        else (schedules.EveryEpoch() | schedules.LogSpaced(per_decade=3))
+    )
+    callbacks = [
+        BreakEven(
+            probe,
+            k=1,
+            num_iterations=20,
+            schedule=schedule,
+            **criterion,
+            **common,
+        ),
+        GradientCovariance(
+            probe, microbatch_size=micro, schedule=schedule, recorder=recorder
+        ),
+        GradientConfusion(
+            probe, microbatch_size=micro, schedule=schedule, recorder=recorder
+        ),
+    ]
+    if name == "full":
+        callbacks.append(
+            HessianSpectrum(
+                probe,
+                k=5,
+                trace=True,
+                smallest=True,
+                density=True,
+                schedule=schedule,
+                **common,
+            )
+        )
+    return callbacks
+
+
+def _at_most(data: Any, size: int) -> int:
+    if isinstance(data, tf.data.Dataset):
+        return min(size, _count(data.unbatch()))
+    return min(size, len(tf.nest.flatten(data[1])[0]))
