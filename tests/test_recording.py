@@ -69,4 +69,15 @@ def test_tensorboard_events_are_written(tmp_path):
         histograms={"confusion/cosines": [0.1, -0.2]},
     )
     recorder.close()
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    import tensorflow as tf
+
+    seen = {}
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
+        for value in event.summary.value:
+            seen[value.tag] = (event.step, tf.make_ndarray(value.tensor))
+    step, scalar = seen["hessian/lambda_1"]
+    assert step == 1 and float(scalar) == 2.0
+    step, histogram = seen["confusion/cosines"]
+    # TensorBoard histograms are [left, right, count] rows; 2 values.
+    assert step == 1 and histogram[:, 2].sum() == 2

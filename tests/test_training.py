@@ -157,7 +157,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
             "gram": True, "microbatch_size": 2, "hessian_every": 1})
         model.compile(optimizer=keras.optimizers.SGD(0.1),
                       loss=cross_entropy())
-    probe = (x[:16], y[:16])
+    probe = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(4)
     spectrum = callbacks.BreakEven(probe, schedule=schedules.AtSteps([3]),
                                    warm_start=False)
     covariance = callbacks.GradientCovariance(
@@ -170,6 +170,9 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     out.update({"cb/" + k: float(v) for k, v in covariance.records[0].items()
                 if isinstance(v, float)})
     out["replicas"] = strategy.num_replicas_in_sync
+    # The probes above ran one batch / sample share per replica.
+    out["distributed_probes"] = int(
+        tfb.distribute.replica_strategy(model) is not None)
     print("RESULT " + json.dumps(out))
     """
 )
@@ -198,6 +201,8 @@ def test_mirrored_strategy_gives_the_single_device_numbers(tmp_path):
     one = _run_replicas(1, tmp_path)
     two = _run_replicas(2, tmp_path)
     assert one.pop("replicas") == 1 and two.pop("replicas") == 2
+    assert one.pop("distributed_probes") == 0
+    assert two.pop("distributed_probes") == 1
     assert one.keys() == two.keys()
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

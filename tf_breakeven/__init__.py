@@ -8,6 +8,7 @@ the gradient covariance; gradient confusion, diversity and noise scale.
 
 from tf_breakeven import (
     callbacks,
+    distribute,
     functional,
     linalg,
     plotting,
@@ -56,6 +57,7 @@ __all__ = [
     "TrackingConfig",
     "TrackingModel",
     "callbacks",
+    "distribute",
     "directional_curvature",
     "functional",
     "gradient_gram",

@@ -40,6 +40,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_breakeven import statistics
+from tf_breakeven.distribute import concat_over_replicas, replica_strategy
 from tf_breakeven.functional import (
     Batch,
     LossLike,
@@ -325,9 +326,15 @@ def gradient_gram(
     chunk = _chunk_size(n, kernel.function.dim, memory_budget)
     starts = list(range(0, n, chunk))
 
+    # Under a multi-replica strategy each replica computes a share of the
+    # chunk's sample gradients and they are gathered in order.
+    strategy = None if jit_compile else replica_strategy(model)
+
     def rows(start):
-        return kernel.flat_sample_gradients(
-            *_slice(samples, start, min(start + chunk, n))
+        return concat_over_replicas(
+            strategy,
+            kernel.flat_sample_gradients,
+            tuple(_slice(samples, start, min(start + chunk, n))),
         )
 
     blocks = {}

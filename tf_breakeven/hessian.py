@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_breakeven import linalg
+from tf_breakeven.distribute import replica_strategy, sum_over_batches
 from tf_breakeven.functional import (
     Batch,
     LossLike,
@@ -266,12 +267,14 @@ class HessianOperator:
         return self._matvec(vector)
 
     def _matvec(self, vector: list[tf.Tensor]) -> list[tf.Tensor]:
-        total = None
-        for batch in self.batches:
-            part = self._kernel.hvp(vector, *batch)
-            total = (
-                part if total is None else [a + b for a, b in zip(total, part)]
-            )
+        # Under a multi-replica strategy each replica takes a batch at a
+        # time and the products are summed (`tf_breakeven.distribute`).
+        strategy = (
+            None if self.jit_compile else replica_strategy(self.function.model)
+        )
+        total = sum_over_batches(
+            strategy, self._kernel.hvp, (vector,), self.batches
+        )
         scale = tf.constant(1.0 / self.num_examples, self.dtype)
         return [t * scale for t in total]
 
