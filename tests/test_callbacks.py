@@ -316,3 +316,34 @@ def test_make_probe_is_seeded_and_sized():
         np.testing.assert_array_equal(xa, xb)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     assert sum(len(t[1]) for t in presets.make_probe(dataset, 0.25)) == 10
+
+
+def test_jit_compiled_measurements_match_eager():
+    probe = _train_data(n=16)
+    results = []
+    for jit in (False, True):
+        model = _compiled()
+        callbacks = [
+            cb.BreakEven(
+                probe,
+                schedule=schedules.AtSteps([2]),
+                jit_compile=jit,
+                warm_start=False,
+            ),
+            cb.GradientCovariance(
+                probe,
+                microbatch_size=2,
+                schedule=schedules.AtSteps([2]),
+                jit_compile=jit,
+            ),
+        ]
+        _fit(model, callbacks, epochs=1)
+        results.append({**callbacks[0].records[0], **callbacks[1].records[0]})
+    eager, jitted = results
+    for key in (
+        "hessian/lambda_1",
+        "breakeven/stability",
+        "grad_cov/lambda_1",
+        "grad/noise_scale",
+    ):
+        assert jitted[key] == pytest.approx(eager[key], rel=1e-4), key

@@ -59,6 +59,8 @@ class MeasurementCallback(keras.callbacks.Callback):
         recorder: a `Recorder`, a JSONL path, or None.
         loss: None for the compiled loss, or a Keras loss / callable.
         training: measure the training-mode (default) or inference function.
+        jit_compile: compile the measurement functions with XLA (TPUs need
+            it; slower on CPU).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class MeasurementCallback(keras.callbacks.Callback):
         recorder: recording.Recorder | str | None = None,
         loss: Any = None,
         training: bool = True,
+        jit_compile: bool = False,
     ):
         super().__init__()
         self.data = data
@@ -76,6 +79,7 @@ class MeasurementCallback(keras.callbacks.Callback):
         self.recorder = _as_recorder(recorder)
         self.loss = loss
         self.training = training
+        self.jit_compile = jit_compile
         self.latest: dict[str, float] = {}
         self.records: list[dict] = []
         self._step = 0
@@ -294,7 +298,11 @@ class HessianSpectrum(MeasurementCallback):
             or self.operator.function.model is not self.model
         ):
             self.operator = HessianOperator(
-                self.model, self.data, loss=self.loss, training=self.training
+                self.model,
+                self.data,
+                loss=self.loss,
+                training=self.training,
+                jit_compile=self.jit_compile,
             )
         if self.k > self.operator.dim:
             raise ValueError(
@@ -577,6 +585,7 @@ class _GramCallback(MeasurementCallback):
             loss=self.loss,
             training=self.training,
             memory_budget=self.memory_budget,
+            jit_compile=self.jit_compile,
         )
         stats = statistics.gram_statistics(
             gram, microbatch_size=self.microbatch_size, k=self.k
