@@ -347,3 +347,20 @@ def test_jit_compiled_measurements_match_eager():
         "grad/noise_scale",
     ):
         assert jitted[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
+def test_break_even_reads_learning_rate_schedules():
+    model = build("mlp")
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [3], [0.1, 0.01]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    breakeven = cb.BreakEven(_train_data(n=16), schedule=1, num_iterations=3)
+    _fit(model, [breakeven], epochs=1)
+    for record in breakeven.records:
+        # The rate of the next update: schedule(iterations) after `step`.
+        eta = 0.1 if record["step"] <= 3 else 0.01
+        assert record["breakeven/threshold"] == pytest.approx(2 * 1.5 / eta)
