@@ -1,0 +1,43 @@
+"""One function maps a strategy name to a `tf.distribute` strategy."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def get_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
+    """A strategy by name.
+
+    Args:
+        name: "default" (no distribution), "mirrored" (all local GPUs, or
+            the logical CPUs), "multi_worker" (`MultiWorkerMirroredStrategy`
+            from `TF_CONFIG`), "tpu" (`TPUStrategy`).
+        tpu: TPU address for "tpu": "" or "local" on a Cloud TPU VM, a
+            name or grpc:// address otherwise.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu=tpu or "local"
+        )
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(
+        f"Unknown strategy {name!r}: use default, mirrored, multi_worker "
+        "or tpu."
+    )
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes records and checkpoints."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0)
