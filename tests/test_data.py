@@ -66,7 +66,11 @@ def test_available_lists_every_dataset():
     [
         ("svhn", {}, "available: digits, mnist"),
         ("mnist", {"augment": True}, "`augment` applies to cifar10"),
-        ("cifar10", {"image_size": 64}, "`image_size` applies to imagenet"),
+        (
+            "cifar10",
+            {"image_size": 64},
+            "`image_size` applies to digits, imagenet2012",
+        ),
         ("digits", {"sequence_length": 8}, "applies to imdb_reviews"),
         ("imdb_reviews", {"preset": "/nonexistent"}, "applies to glue/mnli"),
         ("glue/mnli", {"preset": "/nonexistent"}, "local keras-hub preset"),
@@ -141,6 +145,23 @@ def test_digits_split_and_normalization(digits_split):
     reference = np.lexsort(expected.reshape(len(expected), -1).T)
     np.testing.assert_allclose(train_x[order], expected[reference], atol=1e-5)
     np.testing.assert_array_equal(train_y[order], y_train[reference])
+
+
+def test_digits_upsampled_for_simple_cnn(digits_split):
+    _, x_test, _, _ = digits_split
+    spec = data.load(
+        "digits", batch_size=100, image_size=16, drop_remainder=False
+    )
+    assert spec.input_shape == (16, 16, 1)
+    test_x, _ = unbatched(spec.test)
+    # Bilinear resize of the originals, then standardized.
+    resized = tf.image.resize(x_test.astype(np.float32), [16, 16]).numpy()
+    train_x, _ = unbatched(spec.train)
+    np.testing.assert_allclose(train_x.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(train_x.std(), 1.0, atol=1e-5)
+    # The test images are the resized originals, up to the train statistics.
+    slope, intercept = np.polyfit(resized.ravel(), test_x.ravel(), 1)
+    np.testing.assert_allclose(test_x, slope * resized + intercept, atol=1e-4)
 
 
 def test_digits_shuffle_is_seeded_and_reshuffled_each_epoch():
