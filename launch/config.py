@@ -25,6 +25,8 @@ class Config:
         image_size: digits / imagenet2012 image side; None: the dataset's
             default (`DEFAULT_IMAGE_SIZE`: digits are upsampled to 16 so the
             standard SimpleCNN fits, ImageNet uses 224).
+        sequence_length, vocabulary_size: text datasets (None: the
+            dataset's default, `launch.data.TEXT_DEFAULTS`).
         optimizer: "sgd", "momentum" (heavy ball, `momentum`) or "adam".
         lr_schedule: "constant"; "step" (divide by 10 at 50% and 75% of the
             steps, the confusion paper's schedule); "warmup" (linear from 0
@@ -43,6 +45,8 @@ class Config:
     dataset: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None
+    sequence_length: int | None = None
+    vocabulary_size: int | None = None
     augment: bool = False
     optimizer: str = "sgd"
     learning_rate: float = 0.05

@@ -138,6 +138,13 @@ class DataSpec:
         vocabulary_size: token ids are in [0, vocabulary_size) (text).
         preprocessor: the fitted `keras.layers.TextVectorization` (imdb) or
             `keras_hub.models.BertTextClassifierPreprocessor` (mnli).
+        train_epochs: `train_epochs(start_epoch, end_epoch)` streams the
+            full training batches of epochs [start, end), each epoch's
+            order and augmentation a function of `(seed, epoch)` only. Unlike
+            `train`, it does not depend on how many iterators were made of
+            it (Keras makes extra ones under a distribution strategy), and
+            a resumed run can start at its epoch: use it with
+            `steps_per_epoch` (drop_remainder batches).
     """
 
     name: str
@@ -154,6 +161,7 @@ class DataSpec:
     sequence_length: int | None = None
     vocabulary_size: int | None = None
     preprocessor: Any = None
+    train_epochs: Any = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -249,6 +257,45 @@ def load(
             lambda example, key: (*example, key)
         )
         train_fn = source.augment_fn
+
+    def epoch_batches(epoch):
+        epoch_seed = seed * 1_000_003 + epoch
+        examples = train.shuffle(
+            shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False
+        )
+        element_fn = source.element_fn
+        if augment:
+            keys = tf.data.Dataset.random(seed=epoch_seed)
+            examples = tf.data.Dataset.zip((examples, keys)).map(
+                lambda example, key: (*example, key)
+            )
+            element_fn = source.augment_fn
+        examples = examples.map(element_fn, num_parallel_calls=AUTOTUNE)
+        batches = examples.batch(batch_size, drop_remainder=True)
+        if batch_fn is not None:
+            batches = batches.map(batch_fn, num_parallel_calls=AUTOTUNE)
+        return batches
+
+    def train_epochs(start_epoch: int, end_epoch: int) -> tf.data.Dataset:
+        # tf.data takes shuffle seeds as Python ints, so epochs are built
+        # one by one and concatenated as a balanced tree (shallow graph).
+        parts = [epoch_batches(e) for e in range(start_epoch, end_epoch)]
+        if not parts:
+            raise ValueError(
+                f"No epochs in [{start_epoch}, {end_epoch}); pass "
+                "end_epoch > start_epoch."
+            )
+        while len(parts) > 1:
+            parts = [
+                parts[i].concatenate(parts[i + 1])
+                if i + 1 < len(parts)
+                else parts[i]
+                for i in range(0, len(parts), 2)
+            ]
+        options = tf.data.Options()
+        options.deterministic = True
+        return parts[0].prefetch(AUTOTUNE).with_options(options)
+
     probe = _probe_examples(train, num_train, num_probe, seed)
     return DataSpec(
         name=name,
@@ -265,6 +312,7 @@ def load(
         num_classes=source.num_classes,
         batch_size=batch_size,
         drop_remainder=drop_remainder,
+        train_epochs=train_epochs,
         **extra,
     )
 

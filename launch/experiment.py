@@ -193,6 +193,18 @@ def _precision(name: str):
         keras.config.set_dtype_policy(previous)
 
 
+def _backup_epoch(backup_dir: str) -> int:
+    """The epoch `BackupAndRestore` resumes from (0 without a backup)."""
+    for name in ("training_metadata.json", "training_metadata.json.bkp"):
+        path = os.path.join(backup_dir, name)
+        try:
+            with open(path) as f:
+                return int(json.load(f)["epoch"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return 0
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -230,10 +242,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         or config_lib.DEFAULT_IMAGE_SIZE.get(config.dataset),
         augment=config.augment,
         probe_fraction=config.probe_fraction,
+        sequence_length=config.sequence_length,
+        vocabulary_size=config.vocabulary_size,
     )
     steps_per_epoch = config.steps_per_epoch or max(
         1, spec.num_train // config.batch_size
     )
+    backup_dir = os.path.join(outdir, "backup")
     total_steps = steps_per_epoch * config.epochs
     with _precision(config.precision), strategy.scope():
         model = models.get_model(config.model, **_model_arguments(config, spec))
@@ -261,13 +276,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
             strategy,
             config,
             callbacks,
-            backup_dir=os.path.join(outdir, "backup"),
+            backup_dir=backup_dir,
             steps_per_epoch=steps_per_epoch,
         )
     else:
         callbacks += [
             keras.callbacks.BackupAndRestore(
-                os.path.join(outdir, "backup"), double_checkpoint=True
+                backup_dir, double_checkpoint=True
             ),
             keras.callbacks.CSVLogger(
                 os.path.join(outdir, "history.csv"), append=True
@@ -276,11 +291,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                 os.path.join(outdir, "tensorboard"), write_graph=False
             ),
         ]
-        train = spec.train.repeat() if config.steps_per_epoch else spec.train
+        # Epoch-seeded batches, started at the epoch BackupAndRestore will
+        # resume from, so a resumed run sees the batches it would have.
+        start = min(_backup_epoch(backup_dir), config.epochs - 1)
+        train = spec.train_epochs(start, config.epochs)
         history = model.fit(
             train,
             epochs=config.epochs,
-            steps_per_epoch=config.steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
             validation_data=spec.test,
             callbacks=callbacks,
             verbose=config.verbose,

@@ -104,8 +104,10 @@ def fit(
         epochs=config.epochs,
         steps=steps_per_epoch,
     )
-    # Skip the batches of the epochs already done (deterministic order).
-    train = spec.train.repeat().skip(initial_epoch * steps_per_epoch)
+    # Epoch-seeded batches from the epoch we resume at.
+    train = spec.train_epochs(
+        initial_epoch, max(config.epochs, initial_epoch + 1)
+    )
     iterator = iter(_distributed_dataset(strategy, train, global_batch))
     epoch_logs: dict = {}
     callback_list.on_train_begin()

@@ -38,6 +38,8 @@ flags.DEFINE_integer(
     None,
     "Image side for digits (default 16) and imagenet2012 (default 224).",
 )
+flags.DEFINE_integer("sequence_length", None, "Tokens per text example.")
+flags.DEFINE_integer("vocabulary_size", None, "Text vocabulary size.")
 flags.DEFINE_bool("augment", _D.augment, "Data augmentation.")
 flags.DEFINE_enum(
     "optimizer", _D.optimizer, config_lib.OPTIMIZERS, "Optimizer."
@@ -105,6 +107,8 @@ def config_from_flags() -> config_lib.Config:
         dataset=FLAGS.dataset,
         data_dir=FLAGS.data_dir,
         image_size=FLAGS.image_size,
+        sequence_length=FLAGS.sequence_length,
+        vocabulary_size=FLAGS.vocabulary_size,
         augment=FLAGS.augment,
         optimizer=FLAGS.optimizer,
         learning_rate=FLAGS.learning_rate,

@@ -164,6 +164,20 @@ def test_digits_upsampled_for_simple_cnn(digits_split):
     np.testing.assert_allclose(test_x, slope * resized + intercept, atol=1e-4)
 
 
+def test_train_epochs_depend_only_on_seed_and_epoch():
+    def labels(dataset):
+        return np.concatenate([y.numpy() for _, y in dataset])
+
+    spec = data.load("digits", batch_size=100)
+    two = labels(spec.train_epochs(0, 2))
+    assert two.size == 2 * 1400  # 14 full batches an epoch
+    np.testing.assert_array_equal(two, labels(spec.train_epochs(0, 2)))
+    np.testing.assert_array_equal(two[1400:], labels(spec.train_epochs(1, 2)))
+    assert not np.array_equal(two[:1400], two[1400:])
+    again = data.load("digits", batch_size=100, seed=1)
+    assert not np.array_equal(two, labels(again.train_epochs(0, 2)))
+
+
 def test_digits_shuffle_is_seeded_and_reshuffled_each_epoch():
     def epochs(seed, count=2):
         spec = data.load("digits", batch_size=64, seed=seed)

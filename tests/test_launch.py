@@ -120,6 +120,8 @@ def _mock_config(name):
             dataset="imdb_reviews",
             model="lstm",
             model_kwargs={"embedding_dim": 4, "units": 4},
+            sequence_length=8,
+            vocabulary_size=50,
         ),
         "glue/mnli": _tiny(
             dataset="glue/mnli",
@@ -225,7 +227,10 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
     sys.path.insert(0, os.path.join(sys.argv[3], "tests"))
     from test_launch import _tiny
     from launch import experiment
-    config = _tiny(strategy=sys.argv[4], epochs=2, steps_per_epoch=3)
+    # No dropout: replicas draw different masks than one device would.
+    config = _tiny(strategy=sys.argv[4], epochs=2, steps_per_epoch=3,
+                   model_kwargs={"filters": (4, 8), "dense_units": 16,
+                                 "conv_dropout": 0.0, "dense_dropout": 0.0})
     experiment.train_and_evaluate(config, sys.argv[1])
     """
 )
