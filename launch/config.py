@@ -36,6 +36,13 @@ class Config:
         tracking: callback preset: "none", "economy", "paper" or "full";
             `probe_fraction`, `microbatch_size` (None: the preset's), `k`,
             `measure_every` ("epoch", "log", or an int n of steps) refine it.
+        step_tracking_every: the tracking train step
+            (`tf_breakeven.training`): gradient and update norms every n
+            steps (0: plain Keras train step); with `step_tracking_gram` also
+            the batch's Gram statistics (micro-batches of `microbatch_size`,
+            default 4), and a power-iteration HVP every
+            `step_tracking_hessian_every` steps. Not in the multi-worker
+            loop.
         strategy: "default", "mirrored", "multi_worker" (custom training
             loop, see `launch.loop`) or "tpu" (with `tpu` the address).
     """
@@ -63,6 +70,9 @@ class Config:
     microbatch_size: int | None = None
     k: int = 1
     measure_every: str = "epoch"
+    step_tracking_every: int = 10
+    step_tracking_gram: bool = False
+    step_tracking_hessian_every: int = 0
     strategy: str = "default"
     tpu: str = ""
     jit_compile: bool = False

@@ -252,6 +252,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     total_steps = steps_per_epoch * config.epochs
     with _precision(config.precision), strategy.scope():
         model = models.get_model(config.model, **_model_arguments(config, spec))
+        if config.step_tracking_every and config.strategy != "multi_worker":
+            model = tfb.track(
+                model,
+                every=config.step_tracking_every,
+                gram=config.step_tracking_gram,
+                microbatch_size=config.microbatch_size or 4,
+                hessian_every=config.step_tracking_hessian_every,
+            )
         model.compile(
             optimizer=make_optimizer(config, total_steps),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

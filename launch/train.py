@@ -82,6 +82,21 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "strategy", _D.strategy, config_lib.STRATEGIES, "tf.distribute strategy."
 )
+flags.DEFINE_integer(
+    "step_tracking_every",
+    _D.step_tracking_every,
+    "Tracking train step: norms every n steps (0: off).",
+)
+flags.DEFINE_bool(
+    "step_tracking_gram",
+    _D.step_tracking_gram,
+    "Tracking train step: batch Gram statistics.",
+)
+flags.DEFINE_integer(
+    "step_tracking_hessian_every",
+    _D.step_tracking_hessian_every,
+    "Tracking train step: one power-iteration HVP every n steps (0: off).",
+)
 flags.DEFINE_string("tpu", "", "TPU address for --strategy=tpu.")
 flags.DEFINE_bool("jit_compile", _D.jit_compile, "Compile with XLA.")
 flags.DEFINE_integer("verbose", _D.verbose, "Keras fit verbosity.")
@@ -125,6 +140,9 @@ def config_from_flags() -> config_lib.Config:
         microbatch_size=FLAGS.microbatch_size,
         k=FLAGS.k,
         measure_every=FLAGS.measure_every,
+        step_tracking_every=FLAGS.step_tracking_every,
+        step_tracking_gram=FLAGS.step_tracking_gram,
+        step_tracking_hessian_every=FLAGS.step_tracking_hessian_every,
         strategy=FLAGS.strategy,
         tpu=FLAGS.tpu,
         jit_compile=FLAGS.jit_compile,

@@ -122,9 +122,7 @@ def test_config_round_trip_and_bad_config(tmp_path):
     _fit(model, _data(), epochs=1)
     path = tmp_path / "m.keras"
     model.save(path)
-    loaded = keras.models.load_model(
-        path, custom_objects={"TrackingModel": training.TrackingModel}
-    )
+    loaded = keras.models.load_model(path)
     assert loaded.tracking == model.tracking
     with pytest.raises(ValueError, match="every"):
         training.TrackingConfig(every=0)

@@ -155,6 +155,7 @@ def _state_variable(initial, name: str) -> tf.Variable:
     )
 
 
+@keras.saving.register_keras_serializable(package="tf_breakeven")
 class TrackingModel(keras.Model):
     """`keras.Model` whose `train_step` also returns per-step statistics.
 
