@@ -127,18 +127,11 @@ def tracking_callbacks(
             "dataset_size": spec.num_train,
         }
     if config.tracking == "economy":
-        return [
-            tfb.BreakEven(
-                probe,
-                k=config.k,
-                num_iterations=6,
-                schedule=tfb.schedules.LogSpaced(per_decade=3)
-                if config.measure_every == "epoch"
-                else schedule,
-                **sgd,
-                **common,
-            )
-        ]
+        small = probe.unbatch().take(tfb.presets.ECONOMY_PROBE_SIZE)
+        kwargs = {**sgd, **common}
+        if config.measure_every != "epoch":
+            kwargs["schedule"] = schedule
+        return [tfb.presets.economy_break_even(small.batch(128), **kwargs)]
     micro = config.microbatch_size or min(128, max(1, size // 8))
     usable = size - size % micro
     if usable < 2 * micro:
