@@ -50,7 +50,7 @@ from tf_breakeven.functional import (
     probe_batches,
 )
 
-DEFAULT_MEMORY_BUDGET = 1 << 30
+DEFAULT_MEMORY_BUDGET = 2 << 30
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
@@ -284,16 +284,19 @@ def per_example_gradients(
 
 
 def _chunk_size(n: int, dim: int, memory_budget: int) -> int:
-    # Two chunks of float64 rows plus their float32 source at once.
-    per_sample = 2 * dim * (8 + 4)
-    size = int(memory_budget // per_sample)
+    # A sample's row: float32 gradient + its float64 copy.
+    per_sample = dim * (4 + 8)
+    if n * per_sample <= memory_budget:
+        return n  # one chunk: every gradient computed once
+    # Otherwise two chunks are held at once (block a, block b).
+    size = int(memory_budget // (2 * per_sample))
     if size < 1:
         raise ValueError(
-            f"One sample gradient needs {per_sample} bytes ({dim} "
-            f"parameters) but `memory_budget={memory_budget}`; raise "
-            "`memory_budget` or measure a smaller model."
+            f"One sample gradient needs {2 * per_sample} bytes ({dim} "
+            f"parameters, two chunks) but `memory_budget={memory_budget}`; "
+            "raise `memory_budget` or measure a smaller model."
         )
-    return min(size, n)
+    return size
 
 
 def gradient_gram(
@@ -312,9 +315,12 @@ def gradient_gram(
         model, data, loss, training, jit_compile: see
             `per_example_gradients`.
         microbatch_size: M, examples per sample (must divide N).
-        memory_budget: bytes for sample gradients held at once; with n
-            samples of P parameters that fit, all are computed once,
-            otherwise chunk pairs are recomputed block by block.
+        memory_budget: bytes for the sample-gradient rows held at once
+            (12 bytes per parameter and sample). If all n rows fit they are
+            computed once; otherwise chunk pairs are recomputed block by
+            block. It does not bound the activations of the vectorized
+            forward/backward pass, which grow like those of one batch of a
+            chunk's examples.
 
     Returns:
         A symmetric [n, n] numpy float64 array, n = N / M.
