@@ -323,11 +323,37 @@ def test_multi_worker_trains_and_records_once_like_one_process(tmp_path):
 
 
 def test_tracked_train_step_compiles_with_xla(tmp_path):
+    """TPU readiness: the train step with all step tracking, and the
+    measurement callbacks, compiled by XLA."""
     summary = experiment.train_and_evaluate(
-        _tiny(jit_compile=True, epochs=1, steps_per_epoch=2),
+        _tiny(
+            jit_compile=True,
+            epochs=1,
+            steps_per_epoch=2,
+            step_tracking_every=1,
+            step_tracking_gram=True,
+            step_tracking_hessian_every=1,
+        ),
         str(tmp_path / "xla"),
     )
     assert np.isfinite(summary["max"]["hessian/lambda_1"])
+    for key in (
+        "grad/step_norm",
+        "batch/grad_cov/lambda_1",
+        "hessian/lambda_1_running",
+    ):
+        assert np.isfinite(summary["final"][key]), key
+
+
+def test_mixed_bfloat16_run_trains_and_measures(tmp_path):
+    summary = experiment.train_and_evaluate(
+        _tiny(precision="mixed_bfloat16", epochs=1, steps_per_epoch=2),
+        str(tmp_path / "bf16"),
+    )
+    assert np.isfinite(summary["max"]["hessian/lambda_1"])
+    model = keras.models.load_model(tmp_path / "bf16" / "model.keras")
+    assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # restored
 
 
 def test_sweep_of_two_by_two_and_its_report(tmp_path):
