@@ -228,3 +228,26 @@ def test_batch_norm_single_examples_in_training_mode_raise():
         tfb.gradient_gram(model, (x.astype("float32"), y), training=True)
     with pytest.raises(ValueError, match="microbatch_size >= 2"):
         tfb.per_example_gradients(model, (x.astype("float32"), y))
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["K", "K_uncentered"])
+@pytest.mark.parametrize("budget", [None, "chunked"])
+def test_covariance_eigenvectors_in_parameter_space(centered, budget):
+    model = build("mlp")
+    x, y = data_for("mlp", n=16)
+    x = x.astype("float32")
+    dim = flat(model.trainable_variables).size
+    kwargs = {} if budget is None else {"memory_budget": 3 * 24 * dim}
+    values, vectors = tfb.gradient_covariance_eigenpairs(
+        model, (x, y), k=3, microbatch_size=2, centered=centered, **kwargs
+    )
+    rows = loop_gradients(model, x, y, 2)
+    vectors_ = rows - rows.mean(0) if centered else rows
+    cov = vectors_.T @ vectors_ / len(rows)
+    expected = np.linalg.eigvalsh(cov)[::-1][:3]
+    np.testing.assert_allclose(values, expected, rtol=1e-5)
+    u = np.stack([flat(v) for v in vectors])
+    np.testing.assert_allclose(u @ u.T, np.eye(3), atol=1e-5)
+    for j in range(3):
+        residual = cov @ u[j] - values[j] * u[j]
+        assert np.linalg.norm(residual) < 1e-4 * values[0]

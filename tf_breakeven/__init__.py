@@ -26,6 +26,7 @@ from tf_breakeven.callbacks import (
     HessianSpectrum,
 )
 from tf_breakeven.gradients import (
+    gradient_covariance_eigenpairs,
     gradient_gram,
     gradient_statistics,
     per_example_gradients,
@@ -60,6 +61,7 @@ __all__ = [
     "distribute",
     "directional_curvature",
     "functional",
+    "gradient_covariance_eigenpairs",
     "gradient_gram",
     "gradient_statistics",
     "hessian_eigenpairs",

@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_breakeven import statistics
+from tf_breakeven import linalg, statistics
 from tf_breakeven.distribute import concat_over_replicas, replica_strategy
 from tf_breakeven.functional import (
     Batch,
@@ -325,39 +325,135 @@ def gradient_gram(
     Returns:
         A symmetric [n, n] numpy float64 array, n = N / M.
     """
-    samples = _prepare(model, data, microbatch_size, training)
-    kernel = _kernel_for(model, loss, training, jit_compile)
-    _check_fits(kernel, samples)
-    n = tf.nest.flatten(samples.x)[0].shape[0]
-    chunk = _chunk_size(n, kernel.function.dim, memory_budget)
-    starts = list(range(0, n, chunk))
+    return _SampleRows(
+        model,
+        data,
+        microbatch_size,
+        loss,
+        training,
+        memory_budget,
+        jit_compile,
+    ).gram()
 
-    # Under a multi-replica strategy each replica computes a share of the
-    # chunk's sample gradients and they are gathered in order.
-    strategy = None if jit_compile else replica_strategy(model)
 
-    def rows(start):
-        return concat_over_replicas(
-            strategy,
-            kernel.flat_sample_gradients,
-            tuple(_slice(samples, start, min(start + chunk, n))),
+class _SampleRows:
+    """Flat float64 sample gradients of a probe set, chunk by chunk."""
+
+    def __init__(
+        self,
+        model,
+        data,
+        microbatch_size,
+        loss,
+        training,
+        memory_budget,
+        jit_compile,
+    ):
+        self.samples = _prepare(model, data, microbatch_size, training)
+        self.kernel = _kernel_for(model, loss, training, jit_compile)
+        _check_fits(self.kernel, self.samples)
+        self.n = tf.nest.flatten(self.samples.x)[0].shape[0]
+        self.chunk = _chunk_size(
+            self.n, self.kernel.function.dim, memory_budget
         )
+        self.starts = list(range(0, self.n, self.chunk))
+        # Under a multi-replica strategy each replica computes a share of
+        # the chunk's sample gradients and they are gathered in order.
+        self.strategy = None if jit_compile else replica_strategy(model)
+        self._single = None  # the rows, when they fit in one chunk
 
-    blocks = {}
-    for a, start_a in enumerate(starts):
-        rows_a = rows(start_a)
-        for start_b in starts[a:]:
-            rows_b = rows_a if start_b == start_a else rows(start_b)
-            blocks[start_a, start_b] = tf.matmul(
-                rows_a, rows_b, transpose_b=True
+    def rows(self, start: int) -> tf.Tensor:
+        if self._single is not None:
+            return self._single
+        rows = concat_over_replicas(
+            self.strategy,
+            self.kernel.flat_sample_gradients,
+            tuple(_slice(self.samples, start, min(start + self.chunk, self.n))),
+        )
+        if len(self.starts) == 1:
+            self._single = rows
+        return rows
+
+    def gram(self) -> np.ndarray:
+        blocks = {}
+        for a, start_a in enumerate(self.starts):
+            rows_a = self.rows(start_a)
+            for start_b in self.starts[a:]:
+                rows_b = rows_a if start_b == start_a else self.rows(start_b)
+                blocks[start_a, start_b] = tf.matmul(
+                    rows_a, rows_b, transpose_b=True
+                )
+        gram = np.zeros((self.n, self.n), np.float64)
+        for (start_a, start_b), block in blocks.items():
+            block = block.numpy()
+            stop_a = start_a + block.shape[0]
+            stop_b = start_b + block.shape[1]
+            gram[start_a:stop_a, start_b:stop_b] = block
+            gram[start_b:stop_b, start_a:stop_a] = block.T
+        return gram
+
+    def combine(self, coefficients: np.ndarray) -> tf.Tensor:
+        """sum_i coefficients[j, i] g_i for every row j, float64 [k, P]."""
+        total = None
+        for start in self.starts:
+            rows = self.rows(start)
+            part = tf.matmul(
+                tf.constant(coefficients[:, start : start + rows.shape[0]]),
+                rows,
             )
-    gram = np.zeros((n, n), np.float64)
-    for (start_a, start_b), block in blocks.items():
-        block = block.numpy()
-        stop_a, stop_b = start_a + block.shape[0], start_b + block.shape[1]
-        gram[start_a:stop_a, start_b:stop_b] = block
-        gram[start_b:stop_b, start_a:stop_a] = block.T
-    return gram
+            total = part if total is None else total + part
+        return total
+
+
+def gradient_covariance_eigenpairs(
+    model: keras.Model,
+    data: Any,
+    k: int = 5,
+    *,
+    microbatch_size: int = 1,
+    centered: bool = True,
+    loss: LossLike = None,
+    training: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    jit_compile: bool = False,
+) -> tuple[np.ndarray, list[list[tf.Tensor]]]:
+    """Top-k eigenpairs of the gradient covariance K, in parameter space.
+
+    The eigenvectors are combinations of the sample gradients
+    (`statistics.top_directions` on the Gram matrix), assembled without
+    forming the P x P covariance.
+
+    Args:
+        model, data, loss, training, memory_budget, jit_compile: see
+            `gradient_gram`.
+        k: number of directions; fewer come back when K has a smaller
+            numerical rank (the centered K has rank <= n - 1).
+        microbatch_size: M, examples per sample.
+        centered: K (default, the paper's) or the uncentered (1/n) sum
+            g_i g_i^T.
+
+    Returns:
+        `(eigenvalues, eigenvectors)`: float64 [k'] descending, and k' unit
+        vectors, each a list of tensors shaped like the trainable variables.
+    """
+    rows = _SampleRows(
+        model,
+        data,
+        microbatch_size,
+        loss,
+        training,
+        memory_budget,
+        jit_compile,
+    )
+    eigenvalues, coefficients = statistics.top_directions(
+        rows.gram(), k, centered=centered
+    )
+    function = rows.kernel.function
+    directions = tf.cast(rows.combine(coefficients), function.dtype)
+    return eigenvalues, [
+        linalg.unflatten_tensors(d, function.shapes)
+        for d in tf.unstack(directions)
+    ]
 
 
 def gradient_statistics(
