@@ -53,9 +53,28 @@ def test_tracking_never_changes_the_trajectory(name):
     )
     tracked = _model(name, config, momentum=0.9)
     history = _fit(tracked, data)
+    # mlp is stateless: its Gram steps are fused (the update is the mean of
+    # the micro-batch gradients), equal up to float32 roundoff. bn_dropout
+    # keeps Keras' own update: bitwise equal.
+    assert tracked._fusable() == (name == "mlp")
+    for a, b in zip(plain.variables, tracked.variables):
+        if name == "mlp":
+            np.testing.assert_allclose(
+                a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path
+            )
+        else:
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert set(tracked.tracking_keys) <= set(history.history)
+
+
+def test_tracking_without_gram_is_bitwise_keras():
+    data = _data()
+    plain = _model(momentum=0.9)
+    _fit(plain, data)
+    tracked = _model(tracking={"every": 1, "hessian_every": 2}, momentum=0.9)
+    _fit(tracked, data)
     for a, b in zip(plain.variables, tracked.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    assert set(tracked.tracking_keys) <= set(history.history)
 
 
 def test_statistics_of_a_step_equal_the_direct_api():
@@ -78,6 +97,17 @@ def test_statistics_of_a_step_equal_the_direct_api():
     for key in training.GRAM_KEYS:
         assert logs[key] == pytest.approx(
             expected[key[len("batch/") :]], rel=1e-5
+        ), key
+
+
+def test_partial_last_batch_uses_its_first_multiple_of_m():
+    x, y = _data(n=10)  # one batch of 10 with M = 4: samples 0-3, 4-7
+    model = _model(tracking={"gram": True, "microbatch_size": 4}, lr=0.0)
+    expected = tfb.gradient_statistics(model, (x[:8], y[:8]), microbatch_size=4)
+    logs = _fit(model, (x, y), epochs=1, batch_size=10).history
+    for key in ("grad_cov/lambda_1", "confusion/cos_min", "grad/norm"):
+        assert logs["batch/" + key][-1] == pytest.approx(
+            expected[key], rel=1e-5
         ), key
 
 

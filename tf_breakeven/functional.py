@@ -324,11 +324,14 @@ class ModelFunction:
         x: Any,
         y: Any,
         sample_weight: tf.Tensor | None = None,
-    ) -> tf.Tensor:
+        *,
+        return_outputs: bool = False,
+    ) -> tf.Tensor | tuple[tf.Tensor, Any]:
         """Weighted per-example losses `w_i * l_i (+ regularization)`, [B].
 
         The whole batch runs through the model at once (batch statistics
-        of BatchNormalization couple the examples in training mode).
+        of BatchNormalization couple the examples in training mode). With
+        `return_outputs`, returns `(losses, y_pred)`.
         """
         with exact_moments():
             y_pred, _, reg_losses = self.model.stateless_call(
@@ -352,7 +355,7 @@ class ModelFunction:
             losses = losses * tf.cast(sample_weight, self.dtype)
         if self.include_regularization and reg_losses:
             losses = losses + tf.cast(tf.add_n(reg_losses), self.dtype)
-        return losses
+        return (losses, y_pred) if return_outputs else losses
 
     def loss_sum(
         self,

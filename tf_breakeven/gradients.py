@@ -63,7 +63,8 @@ class _DropConvFilterWarning(logging_lib.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_conv_filter_warning():
+def quiet_pfor():
+    """Drops pfor's misleading Conv2DBackpropFilter warning while tracing."""
     logger = tf.get_logger()
     drop = _DropConvFilterWarning()
     logger.addFilter(drop)
@@ -155,7 +156,7 @@ class _GradientKernel:
 
         elems = (x, y) if sample_weight is None else (x, y, sample_weight)
         if self.vectorized:
-            with pfor_safe_einsum(), _quiet_conv_filter_warning():
+            with pfor_safe_einsum(), quiet_pfor():
                 return tf.vectorized_map(
                     one, elems, fallback_to_while_loop=False
                 )

@@ -14,15 +14,22 @@ Its `train_step` is Keras' own, plus, on tracked steps:
   `batch/confusion/eta`, `batch/confusion/cos_min`,
   `batch/confusion/cos_mean`, `batch/grad/norm`, `batch/grad/diversity`,
   `batch/grad/noise_scale` (definitions as in `tf_breakeven.statistics`).
-  The sample gradients need one vectorized forward/backward pass of their
-  own (through `stateless_call`, so the update is untouched);
+  For models without state (no BatchNormalization, no dropout) and
+  without loss scaling, a tracked step runs ONE vectorized
+  forward/backward pass: the update uses the mean of the micro-batch
+  gradients (the batch gradient, up to float roundoff). Models with state
+  keep Keras' own update and compute the sample gradients in one extra
+  vectorized pass through `stateless_call` (their micro-batch gradients
+  use micro-batch statistics, which the batch update must not);
 * with `hessian_every=n`: one warm-started power-iteration step on the
   current batch's Hessian every n steps, `hessian/lambda_1_running`.
 
 Whether a step is tracked is a graph conditional on the optimizer's
 iteration counter (`every`), so nothing retraces. Tracking never changes
-the update: with the same seed, a TrackingModel follows the same trajectory
-as a plain `keras.Model`, bitwise, on CPU (tested). Under a
+the update beyond float roundoff: with the same seed, a TrackingModel
+follows the trajectory of a plain `keras.Model` bitwise on CPU, except on
+the fused Gram steps of stateless models, where it agrees to float32
+roundoff (tested). Under a
 `tf.distribute` strategy each replica computes its share; gradients are
 all-reduced for the norm, sample gradients all-gathered for the Gram
 statistics, and Hessian-vector products averaged, so every replica holds
@@ -39,6 +46,7 @@ import tensorflow as tf
 
 from tf_breakeven import gradients as gradients_lib
 from tf_breakeven import hessian as hessian_lib
+from tf_breakeven.functional import dense, pfor_safe_einsum
 
 GRAM_KEYS = (
     "batch/grad_cov/lambda_1",
@@ -132,6 +140,7 @@ def gram_statistics_tf(gram: tf.Tensor, microbatch_size: int) -> dict:
     }
 
 
+_ZERO = tf.UnconnectedGradients.ZERO
 _NORM_KEYS = ("grad/step_norm", "grad/update_norm")
 _HESSIAN_KEY = "hessian/lambda_1_running"
 
@@ -238,13 +247,24 @@ class TrackingModel(keras.Model):
         )
         return model
 
-    def train_step(self, data):
-        if self.tracking is None:
-            return super().train_step(data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        config = self.tracking
-        step = self.optimizer.iterations
-        # Keras' own step, so the update is exactly the plain one.
+    def _fusable(self) -> bool:
+        """Whether the update can come from the per-sample gradients.
+
+        True for models without state (no BatchNormalization statistics,
+        no dropout seeds) and without loss scaling: there the mean of the
+        micro-batch gradients is the batch gradient, so tracked steps run
+        one vectorized forward/backward pass for both.
+        """
+        return (
+            self.tracking.gram
+            and not self.non_trainable_variables
+            and not isinstance(
+                self.optimizer, keras.optimizers.LossScaleOptimizer
+            )
+        )
+
+    def _keras_pass(self, x, y, sample_weight):
+        # Keras' own forward/backward: the update of a plain model.
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._compute_loss(
@@ -254,17 +274,104 @@ class TrackingModel(keras.Model):
                 sample_weight=sample_weight,
                 training=True,
             )
-            # Keras divides the loss by the replica count; log it unscaled,
-            # as its own train_step does (TRAPS.md 14).
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            self._loss_tracker.update_state(
-                loss * replicas,
-                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, self.trainable_weights)
+        # Keras divides the loss by the replica count; log it unscaled, as
+        # its own train_step does (TRAPS.md 14).
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return y_pred, loss * replicas, grads
+
+    def _split(self, tensors):
+        m = self.tracking.microbatch_size
+
+        def split(t):
+            usable = tf.shape(t)[0] // m * m
+            return tf.reshape(
+                t[:usable], tf.concat([[-1, m], tf.shape(t)[1:]], 0)
             )
-            loss = self.optimizer.scale_loss(loss)
-        weights = self.trainable_weights
-        grads = tape.gradient(loss, weights)
+
+        return tf.nest.map_structure(split, tensors)
+
+    def _fused_pass(self, x, y, sample_weight):
+        """Per-sample gradients, the update gradient and y_pred in one
+        vectorized forward/backward pass (batch divisible by M)."""
+        kernel = gradients_lib._kernel_for(self, None, True, False)
+        fn = kernel.function
+        params, state = fn.read_parameters(), fn.read_state()
+
+        def one(sample):
+            xs, ys = sample[0], sample[1]
+            ws = sample[2] if len(sample) == 3 else None
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                losses, y_pred = fn.per_example_losses(
+                    params, state, xs, ys, ws, return_outputs=True
+                )
+                mean = tf.reduce_mean(losses)
+            grads = tape.gradient(mean, params, unconnected_gradients=_ZERO)
+            grads = [dense(g, p) for g, p in zip(grads, params)]
+            return grads, mean, y_pred
+
+        elems = (self._split(x), self._split(y))
+        if sample_weight is not None:
+            elems += (self._split(sample_weight),)
+        with pfor_safe_einsum(), gradients_lib.quiet_pfor():
+            stacked, means, preds = tf.vectorized_map(
+                one, elems, fallback_to_while_loop=False
+            )
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        # Keras scales each replica's loss by 1 / replicas: do the same.
+        grads = [tf.reduce_mean(g, axis=0) / replicas for g in stacked]
+        n = tf.shape(means)[0]
+        rows = tf.concat(
+            [tf.reshape(tf.cast(g, tf.float64), [n, -1]) for g in stacked],
+            axis=1,
+        )
+        y_pred = tf.nest.map_structure(
+            lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)),
+            preds,
+        )
+        return y_pred, tf.reduce_mean(means), grads, rows
+
+    def _separate_rows(self, x, y, sample_weight):
+        kernel = gradients_lib._kernel_for(self, None, True, False)
+        weight = None if sample_weight is None else self._split(sample_weight)
+        return kernel._flat(self._split(x), self._split(y), weight)
+
+    def train_step(self, data):
+        if self.tracking is None:
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        config = self.tracking
+        step = self.optimizer.iterations
         tracked = tf.equal(tf.math.floormod(step, config.every), 0)
+        count = tf.shape(tf.nest.flatten(x)[0])[0]
+        m = config.microbatch_size
+        dim = sum(math.prod(v.shape) for v in self.trainable_variables)
+        rows = None
+        if self._fusable():
+
+            def keras_branch():
+                # Untracked steps, and tracked ones whose batch M does not
+                # divide (a partial last batch): Keras' update, and sample
+                # gradients of the first multiple of M examples if tracked.
+                y_pred, loss, grads = self._keras_pass(x, y, sample_weight)
+                rows = tf.cond(
+                    tracked,
+                    lambda: self._separate_rows(x, y, sample_weight),
+                    lambda: tf.zeros([count // m, dim], tf.float64),
+                )
+                return y_pred, loss, grads, rows
+
+            y_pred, loss, grads, rows = tf.cond(
+                tracked & tf.equal(count % m, 0),
+                lambda: self._fused_pass(x, y, sample_weight),
+                keras_branch,
+            )
+        else:
+            y_pred, loss, grads = self._keras_pass(x, y, sample_weight)
+        self._loss_tracker.update_state(loss, sample_weight=count)
+        weights = self.trainable_weights
         values = dict(zip(self.tracking_keys, tf.unstack(self._tracked)))
         # MirroredStrategy cannot run collectives (or assign mirrored
         # variables) inside graph conditionals: the conditionals below only
@@ -279,7 +386,15 @@ class TrackingModel(keras.Model):
             tracked, _global_norm(total), values["grad/step_norm"]
         )
         if config.gram:
-            values.update(self._gram_step(tracked, values, x, y, sample_weight))
+            if rows is None:
+                # Stateful models: one extra vectorized pass (through
+                # stateless_call, so the update is Keras' own).
+                rows = tf.cond(
+                    tracked,
+                    lambda: self._separate_rows(x, y, sample_weight),
+                    lambda: tf.zeros([count // m, dim], tf.float64),
+                )
+            values.update(self._gram_step(tracked, values, rows))
         if config.hessian_every:
             due = tf.equal(tf.math.floormod(step, config.hessian_every), 0)
             values[_HESSIAN_KEY] = self._power_step(
@@ -301,33 +416,15 @@ class TrackingModel(keras.Model):
         logs.update(values)
         return logs
 
-    def _gram_step(self, tracked, values, x, y, sample_weight):
-        kernel = gradients_lib._kernel_for(self, None, True, False)
-        m = self.tracking.microbatch_size
-        dim = sum(math.prod(v.shape) for v in self.trainable_variables)
-
-        def split(t):
-            usable = tf.shape(t)[0] // m * m
-            return tf.reshape(
-                t[:usable], tf.concat([[-1, m], tf.shape(t)[1:]], 0)
-            )
-
-        x_split = tf.nest.map_structure(split, x)
-        y_split = tf.nest.map_structure(split, y)
-        w_split = None if sample_weight is None else split(sample_weight)
-        count = tf.shape(tf.nest.flatten(y_split)[0])[0]
-        rows = tf.cond(
-            tracked,
-            lambda: kernel._flat(x_split, y_split, w_split),
-            lambda: tf.zeros([count, dim], tf.float64),
-        )
+    def _gram_step(self, tracked, values, rows):
         context = tf.distribute.get_replica_context()
         if context.num_replicas_in_sync > 1:
             rows = context.all_gather(rows, axis=0)
         return tf.cond(
             tracked,
             lambda: gram_statistics_tf(
-                tf.matmul(rows, rows, transpose_b=True), m
+                tf.matmul(rows, rows, transpose_b=True),
+                self.tracking.microbatch_size,
             ),
             lambda: {k: values[k] for k in GRAM_KEYS},
         )
