@@ -127,6 +127,33 @@ def _slice(batch: Batch, start: int, stop: int) -> Batch:
     )
 
 
+def sample_gradient(
+    function: ModelFunction, params, state, sample: Batch
+) -> tuple[list[tf.Tensor], tf.Tensor, Any]:
+    """Gradient, mean loss and outputs of one sample run as its own batch.
+
+    The sample's loss is the mean of its weighted per-example losses; the
+    gradients are dense (Embedding's IndexedSlices are densified).
+    """
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        losses, y_pred = function.per_example_losses(
+            params, state, *sample, return_outputs=True
+        )
+        mean = tf.reduce_mean(losses)
+    grads = tape.gradient(mean, params, unconnected_gradients=_ZERO)
+    return [dense(g, p) for g, p in zip(grads, params)], mean, y_pred
+
+
+def flat_rows(stacked: list[tf.Tensor]) -> tf.Tensor:
+    """Stacked per-variable sample gradients as float64 rows [n, P]."""
+    n = tf.shape(stacked[0])[0]
+    return tf.concat(
+        [tf.reshape(tf.cast(g, tf.float64), [n, -1]) for g in stacked],
+        axis=1,
+    )
+
+
 class _GradientKernel:
     """`tf.function`s computing stacked sample gradients for one model."""
 
@@ -137,13 +164,7 @@ class _GradientKernel:
         self.flat_sample_gradients = tf.function(self._flat, jit_compile=jit)
 
     def _one(self, params, state, sample: Batch) -> list[tf.Tensor]:
-        fn = self.function
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            losses = fn.per_example_losses(params, state, *sample)
-            mean = tf.reduce_mean(losses)
-        grads = tape.gradient(mean, params, unconnected_gradients=_ZERO)
-        return [dense(g, p) for g, p in zip(grads, params)]
+        return sample_gradient(self.function, params, state, sample)[0]
 
     def _stacked(self, x, y, sample_weight):
         """Gradients of every sample; inputs shaped [n, M, ...]."""
@@ -169,12 +190,7 @@ class _GradientKernel:
         )
 
     def _flat(self, x, y, sample_weight):
-        grads = self._stacked(x, y, sample_weight)
-        n = tf.shape(grads[0])[0]
-        return tf.concat(
-            [tf.reshape(tf.cast(g, tf.float64), [n, -1]) for g in grads],
-            axis=1,
-        )
+        return flat_rows(self._stacked(x, y, sample_weight))
 
 
 _KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -46,7 +46,7 @@ import tensorflow as tf
 
 from tf_breakeven import gradients as gradients_lib
 from tf_breakeven import hessian as hessian_lib
-from tf_breakeven.functional import dense, pfor_safe_einsum
+from tf_breakeven.functional import Batch, pfor_safe_einsum
 
 GRAM_KEYS = (
     "batch/grad_cov/lambda_1",
@@ -140,7 +140,6 @@ def gram_statistics_tf(gram: tf.Tensor, microbatch_size: int) -> dict:
     }
 
 
-_ZERO = tf.UnconnectedGradients.ZERO
 _NORM_KEYS = ("grad/step_norm", "grad/update_norm")
 _HESSIAN_KEY = "hessian/lambda_1_running"
 
@@ -300,17 +299,9 @@ class TrackingModel(keras.Model):
         params, state = fn.read_parameters(), fn.read_state()
 
         def one(sample):
-            xs, ys = sample[0], sample[1]
-            ws = sample[2] if len(sample) == 3 else None
-            with tf.GradientTape() as tape:
-                tape.watch(params)
-                losses, y_pred = fn.per_example_losses(
-                    params, state, xs, ys, ws, return_outputs=True
-                )
-                mean = tf.reduce_mean(losses)
-            grads = tape.gradient(mean, params, unconnected_gradients=_ZERO)
-            grads = [dense(g, p) for g, p in zip(grads, params)]
-            return grads, mean, y_pred
+            weight = sample[2] if len(sample) == 3 else None
+            batch = Batch(sample[0], sample[1], weight)
+            return gradients_lib.sample_gradient(fn, params, state, batch)
 
         elems = (self._split(x), self._split(y))
         if sample_weight is not None:
@@ -322,11 +313,7 @@ class TrackingModel(keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         # Keras scales each replica's loss by 1 / replicas: do the same.
         grads = [tf.reduce_mean(g, axis=0) / replicas for g in stacked]
-        n = tf.shape(means)[0]
-        rows = tf.concat(
-            [tf.reshape(tf.cast(g, tf.float64), [n, -1]) for g in stacked],
-            axis=1,
-        )
+        rows = gradients_lib.flat_rows(stacked)
         y_pred = tf.nest.map_structure(
             lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0)),
             preds,
