@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_breakeven import statistics
 
@@ -487,3 +488,145 @@ def test_n1_message_says_how_to_fix():
 def test_non_integer_counts_raise_type_error(kwargs):
     with pytest.raises(TypeError, match="must be an int"):
         statistics.gram_statistics(_GOOD, **kwargs)
+
+
+# ------------------------------------------------------ gram_statistics_tf
+# The TF twin must equal the numpy reference to float64 roundoff.
+
+
+def _tf_cases():
+    """Named Gram matrices, generic and at the edges of every convention."""
+    cases = {}
+    for n, dim, seed in [(2, 50, 20), (3, 50, 21), (8, 50, 22), (17, 5, 23)]:
+        cases[f"random_n{n}_P{dim}"] = _gram(_gradients(n, dim, seed))
+    cases["rank_deficient"] = _gram(_low_rank_gradients(12, 40, [1, 0.3], 24))
+    cases["zero_norm_rows"] = _gram(_gradients(9, 30, 25, zero_rows=(2, 6)))
+    duplicated = _gradients(7, 30, 26)
+    duplicated[[3, 5]] = duplicated[1]
+    cases["duplicated"] = _gram(duplicated)
+    cases["identical"] = _gram(np.tile(_gradients(1, 50, seed=12), (4, 1)))
+    base = _gradients(2, 50, seed=11)
+    cases["zero_mean"] = _gram(np.concatenate([base, -base]))
+    cases["one_nonzero"] = _gram(_gradients(4, 50, 9, zero_rows=(0, 1, 3)))
+    cases["all_zero"] = np.zeros((5, 5))
+    for name, bad in [("nan", np.nan), ("inf", np.inf), ("neg_inf", -np.inf)]:
+        gram = _gram(_gradients(6, 50, seed=10))
+        gram[1, 3] = bad
+        cases[name] = gram
+    return cases
+
+
+TF_CASES = _tf_cases()
+# XLA's iterative CPU eigensolver: eigenvalues to ~1e-13 of lambda_1 (so
+# small ones, in `condition`, to ~1e-9 relative), eigenvectors to ~1e-8.
+XLA_LOOSE = {
+    "grad_cov/condition": 1e-6,
+    "grad_cov_uncentered/condition": 1e-6,
+    "grad_cov/norm_ratio_top_k": 1e-6,
+}
+
+
+def _tf_statistics_fn(mode):
+    def statistics_fn(gram):
+        return statistics.gram_statistics_tf(gram, microbatch_size=3, k=2)
+
+    if mode == "eager":
+        return statistics_fn
+    if mode == "function":  # an unknown n, as in a train step
+        return tf.function(
+            statistics_fn,
+            input_signature=[tf.TensorSpec([None, None], tf.float64)],
+        )
+    return tf.function(statistics_fn, jit_compile=True)
+
+
+def _assert_tf_equals_numpy(got, expected, rtol, loose=None):
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        actual = float(got[key])
+        assert got[key].dtype == tf.float64, key
+        if not np.isfinite(value):
+            assert actual == value or np.isnan(actual) and np.isnan(value), (
+                key,
+                actual,
+                value,
+            )
+            continue
+        tolerance = (loose or {}).get(key, rtol)
+        assert abs(actual - value) <= tolerance * abs(value), (
+            key,
+            actual,
+            value,
+        )
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "jit"])
+def test_tf_statistics_equal_numpy_to_float64_roundoff(mode):
+    statistics_fn = _tf_statistics_fn(mode)
+    loose = XLA_LOOSE if mode == "jit" else None
+    for name, gram in TF_CASES.items():
+        expected = statistics.gram_statistics(gram, microbatch_size=3, k=2)
+        got = statistics_fn(tf.constant(gram))
+        assert tuple(got) == statistics.metric_keys()
+        try:
+            _assert_tf_equals_numpy(got, expected, 1e-9, loose)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from error
+
+
+def test_tf_gram_statistics_equal_the_numpy_ones(rng):
+    rows = rng.normal(size=(7, 20))
+    rows[3] = 0.0  # a zero-norm sample
+    gram = rows @ rows.T
+    expected = statistics.gram_statistics(gram, microbatch_size=4)
+    got = statistics.gram_statistics_tf(tf.constant(gram), microbatch_size=4)
+    assert list(got) == list(expected)
+    for key, value in got.items():
+        assert float(value) == pytest.approx(expected[key], rel=1e-10), key
+
+
+def test_tf_statistics_take_quantiles_and_float32():
+    gram = _gram(_gradients(6, 50, seed=16))
+    quantiles = (0.0, 0.1, 1.0)
+    expected = statistics.gram_statistics(gram, quantiles=quantiles)
+    got = statistics.gram_statistics_tf(tf.constant(gram), quantiles=quantiles)
+    assert list(got) == list(statistics.metric_keys(quantiles=quantiles))
+    _assert_tf_equals_numpy({key: got[key] for key in expected}, expected, 1e-9)
+    from_f32 = statistics.gram_statistics_tf(gram.astype(np.float32))
+    from_list = statistics.gram_statistics_tf(gram.tolist())
+    for key, value in statistics.gram_statistics(gram).items():
+        assert float(from_list[key]) == pytest.approx(value, rel=1e-9), key
+        np.testing.assert_allclose(
+            float(from_f32[key]), value, rtol=1e-4, atol=1e-6
+        )
+
+
+def test_metric_keys_are_the_keys_of_both_implementations():
+    assert set(statistics.metric_keys()) == EXPECTED_KEYS
+    stats = statistics.gram_statistics(_GOOD)
+    assert tuple(stats) == statistics.metric_keys()
+    assert tuple(statistics.gram_statistics_tf(_GOOD)) == tuple(stats)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: statistics.gram_statistics_tf(np.ones(3)), "square 2-D"),
+        (lambda: statistics.gram_statistics_tf(np.ones((2, 3))), "square"),
+        (
+            lambda: statistics.gram_statistics_tf(_GOOD, microbatch_size=0),
+            "microbatch_size must be >= 1",
+        ),
+        (lambda: statistics.gram_statistics_tf(_GOOD, k=0), "k must be >= 1"),
+        (lambda: statistics.gram_statistics_tf(_GOOD, rtol=1.0), "rtol"),
+        (
+            lambda: statistics.gram_statistics_tf(_GOOD, quantiles=(0.5, 0.5)),
+            "repeated",
+        ),
+        (lambda: statistics.metric_keys(quantiles=(0.025,)), "whole"),
+    ],
+    ids=["1d", "not_square", "microbatch", "k", "rtol", "repeated", "keys"],
+)
+def test_tf_bad_arguments_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -21,7 +21,9 @@ mean dominates: the centered spectrum loses about
 ``log10(||g_bar||^2 / Tr(K))`` significant digits relative to centering the
 gradients themselves.
 
-Metric keys returned by `gram_statistics` (all Python floats):
+Metric keys returned by `gram_statistics` (Python floats) and by its
+TensorFlow twin `gram_statistics_tf` (float64 scalar tensors), listed in
+order by `metric_keys`:
 
 - ``grad_cov/lambda_1``, ``grad_cov/trace``, ``grad_cov/frobenius``,
   ``grad_cov/trace_over_lambda_1``, ``grad_cov/condition``: spectrum of the
@@ -62,6 +64,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 # Largest |G - G^T| accepted, relative to max |G|: loose enough for a float32
 # Gram accumulated in chunks, tight enough to reject a matrix that is not a
@@ -70,6 +73,8 @@ _SYMMETRY_RTOL = 1e-4
 # A sample gradient whose norm is at most this fraction of the largest sample
 # gradient norm counts as zero: its cosines are 0/0 (TRAPS.md item 20).
 _ZERO_NORM_RTOL = 1e-12
+
+DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 _COV_NAMES = (
     "lambda_1",
@@ -201,7 +206,7 @@ def gram_statistics(
     microbatch_size: int = 1,
     k: int = 5,
     rtol: float = 1e-5,
-    quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
 ) -> dict[str, float]:
     """All Gram-based statistics under the module's metric key scheme.
 
@@ -249,7 +254,7 @@ def gram_statistics(
     rtol = _check_rtol(rtol)
     quantile_names = _quantile_names(quantiles)
     n = matrix.shape[0]
-    stats = dict.fromkeys(_metric_keys(quantile_names), np.nan)
+    stats = dict.fromkeys(_keys(quantile_names), np.nan)
     stats["probe/num_samples"] = float(n)
     stats["probe/microbatch_size"] = float(microbatch_size)
     if not np.all(np.isfinite(matrix)):
@@ -288,15 +293,113 @@ def gram_statistics(
     return stats
 
 
+def metric_keys(
+    *, quantiles: Sequence[float] = DEFAULT_QUANTILES
+) -> tuple[str, ...]:
+    """The keys of `gram_statistics` and `gram_statistics_tf`, in order.
+
+    Args:
+      quantiles: the cosine quantiles, as passed to those functions.
+
+    Raises:
+      ValueError: if a quantile is not a whole percentage in [0, 1] or is
+        repeated.
+    """
+    return _keys(_quantile_names(quantiles))
+
+
+def gram_statistics_tf(
+    gram: Any,
+    *,
+    microbatch_size: int = 1,
+    k: int = 5,
+    rtol: float = 1e-5,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+) -> dict[str, tf.Tensor]:
+    """`gram_statistics` in TensorFlow: graph-friendly and XLA-compilable.
+
+    The same keys (`metric_keys`), definitions and edge conventions as
+    `gram_statistics` (tested against it to float64 roundoff), computed in
+    float64 from fixed-shape tensor ops with no host synchronization, so it
+    runs eagerly, inside a `tf.function` (also with an unknown n) and with
+    `jit_compile=True`. Where the numpy version validates values, this one
+    cannot (the values are not known while tracing):
+
+    - A Gram matrix with a NaN or Inf entry gives NaN for every key except
+      ``probe/*`` (the decompositions run on zeros instead); it never
+      raises. The matrix is symmetrized, not checked for symmetry.
+    - n < 2 (a batch smaller than two micro-batches inside a train step) is
+      not refused: with n = 1 there are no pairs (NaN cosines, ``eta`` =
+      -inf) and the centered covariance is 0.
+    - Under XLA on CPU the eigensolver is iterative: eigenvalues agree with
+      LAPACK to ~1e-13 relative to lambda_1, eigenvectors (so
+      ``grad_cov/norm_ratio_top_k``) only to ~1e-7.
+
+    Args:
+      gram: [n, n] tensor or array-like, ``G[i, j] = <g_i, g_j>``.
+      microbatch_size, k, rtol, quantiles: as for `gram_statistics`
+        (Python values, fixed while tracing).
+
+    Returns:
+      Dict from metric key to float64 scalar tensor, in `metric_keys` order.
+
+    Raises:
+      ValueError: a bad argument (as `gram_statistics`), or gram of a known
+        shape that is not square.
+    """
+    microbatch_size = _check_positive_int(
+        microbatch_size,
+        "microbatch_size",
+        "pass the number of examples behind each sample gradient",
+    )
+    k = _check_positive_int(k, "k", "ask for at least one direction")
+    rtol = _check_rtol(rtol)
+    quantile_names = _quantile_names(quantiles)
+    matrix = _tf_gram(gram)
+    finite = tf.reduce_all(tf.math.is_finite(matrix))
+    matrix = tf.where(finite, matrix, tf.zeros_like(matrix))
+    matrix = 0.5 * (matrix + tf.transpose(matrix))
+    n = tf.cast(tf.shape(matrix)[0], tf.float64)
+
+    cov = _tf_covariance(matrix, centered=True)
+    values, vectors = _tf_eigh_descending(cov)
+    stats = _tf_spectrum_statistics(cov, values, rtol, "grad_cov/")
+    cov_u = _tf_covariance(matrix, centered=False)
+    values_u, _ = _tf_eigh_descending(cov_u)
+    stats.update(
+        _tf_spectrum_statistics(cov_u, values_u, rtol, "grad_cov_uncentered/")
+    )
+    mean_sq_norm = tf.maximum(tf.reduce_sum(matrix) / n**2, 0.0)
+    stats["grad_cov/norm_ratio_top_k"] = _tf_norm_ratio(
+        matrix, values, vectors, mean_sq_norm, k, rtol
+    )
+    stats.update(_tf_confusion_statistics(matrix, quantile_names))
+    stats["grad/norm"] = tf.sqrt(mean_sq_norm)
+    stats["grad/diversity"] = tf.linalg.trace(matrix) / (n**2 * mean_sq_norm)
+    stats["grad/noise_scale"] = (
+        microbatch_size * stats["grad_cov/trace"] / mean_sq_norm
+    )
+    stats = {key: tf.where(finite, value, _NAN) for key, value in stats.items()}
+    stats["probe/num_samples"] = n
+    stats["probe/microbatch_size"] = tf.constant(
+        float(microbatch_size), tf.float64
+    )
+    return {key: stats[key] for key in _keys(quantile_names)}
+
+
+def _shape_error(shape: Any) -> ValueError:
+    return ValueError(
+        "gram must be a square 2-D matrix [n, n] of inner products "
+        f"G[i, j] = <g_i, g_j>, got shape {shape}; build it as "
+        "X @ X.T from the [n, P] matrix X of flattened sample gradients."
+    )
+
+
 def _validate_gram(gram: Any) -> np.ndarray:
     """Returns gram as a symmetrized float64 [n, n] array, or raises."""
     matrix = np.asarray(gram, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(
-            "gram must be a square 2-D matrix [n, n] of inner products "
-            f"G[i, j] = <g_i, g_j>, got shape {matrix.shape}; build it as "
-            "X @ X.T from the [n, P] matrix X of flattened sample gradients."
-        )
+        raise _shape_error(matrix.shape)
     n = matrix.shape[0]
     if n < 2:
         raise ValueError(
@@ -357,8 +460,8 @@ def _quantile_names(quantiles: Sequence[float]) -> dict[str, float]:
     return names
 
 
-def _metric_keys(quantile_names: dict[str, float]) -> list[str]:
-    return [
+def _keys(quantile_names: dict[str, float]) -> tuple[str, ...]:
+    return (
         *(f"grad_cov/{name}" for name in _COV_NAMES),
         *(f"grad_cov_uncentered/{name}" for name in _COV_NAMES),
         "grad_cov/norm_ratio_top_k",
@@ -373,7 +476,7 @@ def _metric_keys(quantile_names: dict[str, float]) -> list[str]:
         "grad/noise_scale",
         "probe/num_samples",
         "probe/microbatch_size",
-    ]
+    )
 
 
 def _covariance_matrix(gram: np.ndarray, centered: bool) -> np.ndarray:
@@ -484,3 +587,164 @@ def _cosines(gram: np.ndarray) -> tuple[np.ndarray, int | float]:
     cosines = kept / norms[:, None] / norms[None, :]
     upper = np.triu_indices(norms.size, k=1)
     return np.clip(cosines[upper], -1.0, 1.0), int(n - norms.size)
+
+
+# ----------------------------------------- TensorFlow (gram_statistics_tf)
+_NAN = float("nan")
+_INF = float("inf")
+
+
+def _tf_gram(gram: Any) -> tf.Tensor:
+    """gram as a float64 tensor; raises if its known shape is not square."""
+    matrix = tf.cast(
+        tf.convert_to_tensor(gram, dtype_hint=tf.float64), tf.float64
+    )
+    shape = matrix.shape
+    if shape.rank is not None and (
+        shape.rank != 2
+        or (None not in (shape[0], shape[1]) and shape[0] != shape[1])
+    ):
+        raise _shape_error(tuple(shape))
+    return matrix
+
+
+def _tf_covariance(gram: tf.Tensor, centered: bool) -> tf.Tensor:
+    """`_covariance_matrix` in TF, the same operations in the same order."""
+    n = tf.cast(tf.shape(gram)[0], tf.float64)
+    if centered:
+        gram = (
+            gram
+            - tf.reduce_mean(gram, axis=0, keepdims=True)
+            - tf.reduce_mean(gram, axis=1, keepdims=True)
+            + tf.reduce_mean(gram)
+        )
+        gram = 0.5 * (gram + tf.transpose(gram))
+    return gram / n
+
+
+def _tf_eigh_descending(matrix: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Eigenpairs, descending, negatives clipped; NaN for a non-finite
+    matrix (decomposed as zeros, so eigh never sees a NaN)."""
+    finite = tf.reduce_all(tf.math.is_finite(matrix))
+    values, vectors = tf.linalg.eigh(
+        tf.where(finite, matrix, tf.zeros_like(matrix))
+    )
+    values = tf.where(finite, tf.maximum(tf.reverse(values, [0]), 0.0), _NAN)
+    vectors = tf.where(finite, tf.reverse(vectors, [1]), _NAN)
+    return values, vectors
+
+
+def _tf_numerical_rank(values: tf.Tensor, rtol: float) -> tf.Tensor:
+    above = tf.reduce_sum(tf.cast(values > rtol * values[0], tf.int32))
+    return tf.where(values[0] > 0.0, above, 0)
+
+
+def _tf_spectrum_statistics(
+    cov: tf.Tensor, values: tf.Tensor, rtol: float, prefix: str
+) -> dict[str, tf.Tensor]:
+    """`_spectrum_statistics` in TF, keys prefixed."""
+    lambda_1 = values[0]
+    rank = _tf_numerical_rank(values, rtol)
+    trace = tf.linalg.trace(cov)
+    lambda_star = tf.gather(values, tf.maximum(rank - 1, 0))
+    stats = {
+        "lambda_1": lambda_1,
+        "trace": trace,
+        "frobenius": tf.norm(cov),
+        "trace_over_lambda_1": tf.where(rank > 0, trace / lambda_1, _NAN),
+        "condition": tf.where(rank > 0, lambda_star / lambda_1, _NAN),
+    }
+    finite = tf.reduce_all(tf.math.is_finite(values))
+    return {
+        prefix + name: tf.where(finite, value, _NAN)
+        for name, value in stats.items()
+    }
+
+
+def _tf_norm_ratio(
+    gram: tf.Tensor,
+    values: tf.Tensor,
+    vectors: tf.Tensor,
+    mean_sq_norm: tf.Tensor,
+    k: int,
+    rtol: float,
+) -> tf.Tensor:
+    """``||g_bar|| / ||P_k g_bar||`` as in `gram_statistics`: the top
+    min(k, rank) directions of `_directions`, the others masked out."""
+    n = tf.cast(tf.shape(gram)[0], tf.float64)
+    top_values = values[:k]
+    used = tf.range(tf.shape(top_values)[0]) < tf.minimum(
+        k, _tf_numerical_rank(values, rtol)
+    )
+    top_vectors = vectors[:, :k]
+    # Exact zero-sum coefficients: u_j is a combination of g_i - g_bar.
+    top_vectors = top_vectors - tf.reduce_mean(
+        top_vectors, axis=0, keepdims=True
+    )
+    coefficients = top_vectors / tf.sqrt(n * tf.where(used, top_values, 1.0))
+    projections = tf.linalg.matvec(
+        coefficients, tf.reduce_mean(gram, axis=1), transpose_a=True
+    )
+    total = tf.reduce_sum(tf.where(used, projections, 0.0) ** 2)
+    ratio = tf.sqrt(mean_sq_norm / total)
+    # NaN for g_bar = 0, where roundoff would decide 0/0.
+    finite = tf.reduce_all(tf.math.is_finite(values))
+    return tf.where(finite & (mean_sq_norm > 0.0), ratio, _NAN)
+
+
+def _tf_cosines(gram: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """All [n, n] clipped cosines, the mask of the pairs i < j of nonzero
+    gradients that `_cosines` returns, and the number of zero gradients."""
+    n = tf.shape(gram)[0]
+    sq_norms = tf.linalg.diag_part(gram)
+    keep = sq_norms > _ZERO_NORM_RTOL**2 * tf.reduce_max(sq_norms)
+    norms = tf.sqrt(tf.where(keep, sq_norms, 1.0))
+    cosines = gram / norms[:, None] / norms[None, :]
+    index = tf.range(n)
+    pairs = (index[:, None] < index[None, :]) & keep[:, None] & keep[None, :]
+    num_zero = tf.cast(n - tf.reduce_sum(tf.cast(keep, tf.int32)), tf.float64)
+    return tf.clip_by_value(cosines, -1.0, 1.0), pairs, num_zero
+
+
+def _tf_quantile(ordered: tf.Tensor, count: tf.Tensor, q: float) -> tf.Tensor:
+    """numpy's default (`linear`) quantile of the first `count` entries of
+    the ascending `ordered`, with numpy's index and lerp arithmetic."""
+    size = tf.cast(count, tf.float64)
+    virtual = size * q + (1.0 - q) - 1.0  # alpha = beta = 1
+    previous = tf.floor(virtual)
+    gamma = virtual - previous
+    # Beyond the ends both neighbours are the end value.
+    above, below = virtual >= size - 1.0, virtual < 0.0
+    last = tf.maximum(count - 1, 0)
+    lower = tf.cast(previous, tf.int32)
+    upper = tf.where(above, last, tf.where(below, 0, lower + 1))
+    lower = tf.where(above, last, tf.where(below, 0, lower))
+    a, b = tf.gather(ordered, lower), tf.gather(ordered, upper)
+    diff = b - a
+    return tf.where(gamma >= 0.5, b - diff * (1.0 - gamma), a + diff * gamma)
+
+
+def _tf_confusion_statistics(
+    gram: tf.Tensor, quantile_names: dict[str, float]
+) -> dict[str, tf.Tensor]:
+    """`_confusion_statistics` in TF: masks and a sort, no boolean_mask."""
+    off_diagonal = ~tf.eye(tf.shape(gram)[0], dtype=tf.bool)
+    cosines, pairs, num_zero = _tf_cosines(gram)
+    count = tf.reduce_sum(tf.cast(pairs, tf.int32))
+    # Left-out pairs sort last (+inf), after the `count` cosines.
+    ordered = tf.sort(tf.reshape(tf.where(pairs, cosines, _INF), [-1]))
+    cosine_stats = {
+        "confusion/cos_min": ordered[0],
+        "confusion/cos_mean": tf.reduce_sum(tf.where(pairs, cosines, 0.0))
+        / tf.cast(count, tf.float64),
+        "confusion/cos_max": tf.gather(ordered, tf.maximum(count - 1, 0)),
+    }
+    for name, q in quantile_names.items():
+        cosine_stats[name] = _tf_quantile(ordered, count, q)
+    stats = {
+        "confusion/eta": -tf.reduce_min(tf.where(off_diagonal, gram, _INF)),
+        "confusion/num_zero_norm": num_zero,
+    }
+    for name, value in cosine_stats.items():
+        stats[name] = tf.where(count > 0, value, _NAN)
+    return stats
