@@ -245,51 +245,57 @@ def gram_statistics(
         quantile is not a whole percentage in [0, 1] or is repeated.
     """
     matrix = _validate_gram(gram)
-    microbatch_size = _check_positive_int(
-        microbatch_size,
-        "microbatch_size",
-        "pass the number of examples behind each sample gradient",
+    microbatch_size, k, rtol, quantile_names = _check_arguments(
+        microbatch_size, k, rtol, quantiles
     )
-    k = _check_positive_int(k, "k", "ask for at least one direction")
-    rtol = _check_rtol(rtol)
-    quantile_names = _quantile_names(quantiles)
-    n = matrix.shape[0]
     stats = dict.fromkeys(_keys(quantile_names), np.nan)
-    stats["probe/num_samples"] = float(n)
+    stats["probe/num_samples"] = float(matrix.shape[0])
     stats["probe/microbatch_size"] = float(microbatch_size)
-    if not np.all(np.isfinite(matrix)):
-        return stats
+    if np.all(np.isfinite(matrix)):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            stats.update(
+                _finite_statistics(
+                    matrix, microbatch_size, k, rtol, quantile_names
+                )
+            )
+    return stats
 
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        cov = _covariance_matrix(matrix, centered=True)
-        values, vectors = _eigh_descending(cov)
-        for name, value in _spectrum_statistics(cov, values, rtol).items():
-            stats[f"grad_cov/{name}"] = value
-        cov_u = _covariance_matrix(matrix, centered=False)
-        values_u, _ = _eigh_descending(cov_u)
-        for name, value in _spectrum_statistics(cov_u, values_u, rtol).items():
-            stats[f"grad_cov_uncentered/{name}"] = value
 
-        mean_sq_norm = np.maximum(matrix.sum() / n**2, 0.0)
-        _, coefficients = _directions(values, vectors, k, rtol, centered=True)
-        projections = coefficients @ matrix.mean(axis=1)
-        # Defined as NaN for g_bar = 0, where roundoff would decide 0/0.
-        stats["grad_cov/norm_ratio_top_k"] = (
-            float(np.sqrt(mean_sq_norm / np.sum(projections**2)))
-            if mean_sq_norm > 0
-            else np.nan
-        )
+def _finite_statistics(
+    matrix: np.ndarray,
+    microbatch_size: int,
+    k: int,
+    rtol: float,
+    quantile_names: dict[str, float],
+) -> dict[str, float]:
+    """The statistics of a finite, validated Gram matrix but ``probe/*``."""
+    n = matrix.shape[0]
+    stats = {}
+    cov = _covariance_matrix(matrix, centered=True)
+    values, vectors = _eigh_descending(cov)
+    for name, value in _spectrum_statistics(cov, values, rtol).items():
+        stats[f"grad_cov/{name}"] = value
+    cov_u = _covariance_matrix(matrix, centered=False)
+    values_u, _ = _eigh_descending(cov_u)
+    for name, value in _spectrum_statistics(cov_u, values_u, rtol).items():
+        stats[f"grad_cov_uncentered/{name}"] = value
 
-        stats.update(_confusion_statistics(matrix, quantile_names))
+    mean_sq_norm = np.maximum(matrix.sum() / n**2, 0.0)
+    _, coefficients = _directions(values, vectors, k, rtol, centered=True)
+    projections = coefficients @ matrix.mean(axis=1)
+    # Defined as NaN for g_bar = 0, where roundoff would decide 0/0.
+    stats["grad_cov/norm_ratio_top_k"] = (
+        float(np.sqrt(mean_sq_norm / np.sum(projections**2)))
+        if mean_sq_norm > 0
+        else np.nan
+    )
 
-        trace_k = np.float64(stats["grad_cov/trace"])  # numpy 0-division
-        stats["grad/norm"] = float(np.sqrt(mean_sq_norm))
-        stats["grad/diversity"] = float(
-            np.trace(matrix) / (n**2 * mean_sq_norm)
-        )
-        stats["grad/noise_scale"] = float(
-            microbatch_size * trace_k / mean_sq_norm
-        )
+    stats.update(_confusion_statistics(matrix, quantile_names))
+
+    trace_k = np.float64(stats["grad_cov/trace"])  # numpy 0-division
+    stats["grad/norm"] = float(np.sqrt(mean_sq_norm))
+    stats["grad/diversity"] = float(np.trace(matrix) / (n**2 * mean_sq_norm))
+    stats["grad/noise_scale"] = float(microbatch_size * trace_k / mean_sq_norm)
     return stats
 
 
@@ -347,20 +353,33 @@ def gram_statistics_tf(
       ValueError: a bad argument (as `gram_statistics`), or gram of a known
         shape that is not square.
     """
-    microbatch_size = _check_positive_int(
-        microbatch_size,
-        "microbatch_size",
-        "pass the number of examples behind each sample gradient",
+    microbatch_size, k, rtol, quantile_names = _check_arguments(
+        microbatch_size, k, rtol, quantiles
     )
-    k = _check_positive_int(k, "k", "ask for at least one direction")
-    rtol = _check_rtol(rtol)
-    quantile_names = _quantile_names(quantiles)
     matrix = _tf_gram(gram)
     finite = tf.reduce_all(tf.math.is_finite(matrix))
     matrix = tf.where(finite, matrix, tf.zeros_like(matrix))
     matrix = 0.5 * (matrix + tf.transpose(matrix))
-    n = tf.cast(tf.shape(matrix)[0], tf.float64)
+    stats = _tf_finite_statistics(
+        matrix, microbatch_size, k, rtol, quantile_names
+    )
+    stats = {key: tf.where(finite, value, _NAN) for key, value in stats.items()}
+    stats["probe/num_samples"] = tf.cast(tf.shape(matrix)[0], tf.float64)
+    stats["probe/microbatch_size"] = tf.constant(
+        float(microbatch_size), tf.float64
+    )
+    return {key: stats[key] for key in _keys(quantile_names)}
 
+
+def _tf_finite_statistics(
+    matrix: tf.Tensor,
+    microbatch_size: int,
+    k: int,
+    rtol: float,
+    quantile_names: dict[str, float],
+) -> dict[str, tf.Tensor]:
+    """`_finite_statistics` in TF, for a finite symmetrized matrix."""
+    n = tf.cast(tf.shape(matrix)[0], tf.float64)
     cov = _tf_covariance(matrix, centered=True)
     values, vectors = _tf_eigh_descending(cov)
     stats = _tf_spectrum_statistics(cov, values, rtol, "grad_cov/")
@@ -379,12 +398,7 @@ def gram_statistics_tf(
     stats["grad/noise_scale"] = (
         microbatch_size * stats["grad_cov/trace"] / mean_sq_norm
     )
-    stats = {key: tf.where(finite, value, _NAN) for key, value in stats.items()}
-    stats["probe/num_samples"] = n
-    stats["probe/microbatch_size"] = tf.constant(
-        float(microbatch_size), tf.float64
-    )
-    return {key: stats[key] for key in _keys(quantile_names)}
+    return stats
 
 
 def _shape_error(shape: Any) -> ValueError:
@@ -419,6 +433,19 @@ def _validate_gram(gram: Any) -> np.ndarray:
             "with (G + G.T) / 2 if the asymmetry is accumulated roundoff."
         )
     return 0.5 * (matrix + matrix.T)
+
+
+def _check_arguments(
+    microbatch_size: Any, k: Any, rtol: Any, quantiles: Sequence[float]
+) -> tuple[int, int, float, dict[str, float]]:
+    """The validated arguments of `gram_statistics` and its TF twin."""
+    microbatch_size = _check_positive_int(
+        microbatch_size,
+        "microbatch_size",
+        "pass the number of examples behind each sample gradient",
+    )
+    k = _check_positive_int(k, "k", "ask for at least one direction")
+    return microbatch_size, k, _check_rtol(rtol), _quantile_names(quantiles)
 
 
 def _check_positive_int(value: Any, name: str, hint: str) -> int:
