@@ -192,7 +192,7 @@ def test_gram_traces_once_per_chunk_shape():
     x = x.astype("float32")
     for _ in range(3):
         tfb.gradient_gram(model, (x, y))
-    kernel = tfb.gradients._KERNELS[model][(None, True, False)]
+    kernel = tfb.gradients.gradient_kernel(model)
     assert kernel.flat_sample_gradients.experimental_get_tracing_count() == 1
 
 

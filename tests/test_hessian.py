@@ -85,7 +85,7 @@ def test_hvp_matches_float64_finite_differences(name, training, rng):
 def test_stock_moments_are_still_wrong_so_the_workaround_is_needed(
     monkeypatch, rng
 ):
-    """Canary for TRAPS.md 1: fails once TF differentiates moments exactly.
+    """Canary for docs/pitfalls.md P1: fails once TF gets moments right.
 
     If this fails after an upgrade, `functional.exact_moments` may be
     removable; `test_hvp_matches_float64_finite_differences` keeps checking
@@ -267,7 +267,7 @@ def test_operator_traces_once_per_batch_shape(rng):
         op.matvec(unflat(_random_vector(model, rng).astype("float32"), model))
     op.eigenpairs(k=1)
     op.eigenpairs(k=1)
-    assert op._kernel.hvp.experimental_get_tracing_count() == 1
+    assert op.kernel.hvp.experimental_get_tracing_count() == 1
 
 
 def test_jit_compiled_operator_matches_eager(rng):

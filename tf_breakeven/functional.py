@@ -23,8 +23,9 @@ Two conventions hold everywhere in the library:
 
 Second derivatives through normalization layers: TensorFlow's
 `tf.nn.moments` computes the variance around `stop_gradient(mean)`, which is
-exact to first order but drops a second-order term (TRAPS.md 1: 41-71% HVP
-error on a ResNet with BatchNormalization). Every function traced here runs
+exact to first order but drops a second-order term (docs/pitfalls.md P1:
+41-71% HVP error on a ResNet with BatchNormalization). Every function traced
+here runs
 under `exact_moments()`, which swaps the moments used by Keras'
 BatchNormalization, LayerNormalization and GroupNormalization for a plain
 `mean((x - mean)**2)` with identical forward values.
@@ -105,9 +106,9 @@ def pfor_safe_einsum() -> contextlib.AbstractContextManager:
 
     Keras' TensorFlow backend lowers common einsum patterns to `tf.matmul`;
     inside `tf.vectorized_map` with oneDNN on (the default on x86 CPUs)
-    those matmuls corrupt the heap (`free(): invalid next size`; TRAPS.md
-    12, reproduced on a one-layer keras-hub BERT). A plain `tf.einsum`
-    computes the same product and vectorizes cleanly, so per-sample
+    those matmuls corrupt the heap (`free(): invalid next size`;
+    docs/pitfalls.md P12, reproduced on a one-layer keras-hub BERT). A plain
+    `tf.einsum` computes the same product and vectorizes cleanly, so per-sample
     gradients work without the user setting `TF_ENABLE_ONEDNN_OPTS=0`.
     """
     return _swapped(_keras_tf_numpy, "einsum", _plain_einsum)
@@ -236,8 +237,22 @@ def _per_example_loss_fn(model: keras.Model, loss: LossLike) -> Callable:
     )
 
 
+def _sublayers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    # Keras has no public recursive layer iterator; `_flatten_layers` is the
+    # one its own summary and saving use.
+    return model._flatten_layers(include_self=False)
+
+
+def has_batch_norm(model: keras.Model) -> bool:
+    """Whether a BatchNormalization layer couples the examples of a batch."""
+    return any(
+        isinstance(layer, keras.layers.BatchNormalization)
+        for layer in _sublayers(model)
+    )
+
+
 def _uses_unrolled_recurrence_only(model: keras.Model) -> bool:
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _sublayers(model):
         if isinstance(layer, keras.layers.RNN) and not layer.unroll:
             return False
     return True
@@ -247,6 +262,7 @@ class ModelFunction:
     """A Keras model and a loss as pure functions of parameter tensors.
 
     Attributes:
+        loss: the loss as given (None: the model's compiled loss).
         training: whether the model runs in training mode.
         include_regularization: whether `model.losses` are added.
         dtype: the dtype losses and derivatives are computed in.
@@ -272,6 +288,7 @@ class ModelFunction:
         if not model.trainable_variables:
             raise ValueError("The model has no trainable variables.")
         self._model_ref = weakref.ref(model)
+        self.loss = loss
         self.training = bool(training)
         self.include_regularization = bool(include_regularization)
         self._loss = _per_example_loss_fn(model, loss)

@@ -7,18 +7,18 @@ that micro-batch, run through the model *as its own batch*:
 `(1/M) sum_{j in i} w_j l_j (+ regularization)`. So with
 BatchNormalization in training mode, g_i uses the micro-batch's own
 statistics (what SGD with batch size M would see), and M = 1 is refused in
-that case: a single example has no batch statistics (TRAPS.md 13). With
+that case: a single example has no batch statistics (docs/pitfalls.md P13). With
 M = 1 and `training=False`, g_i is the exact per-example gradient and the
 mean of the g_i is the full-batch gradient.
 
 Sample gradients are computed with `tf.vectorized_map` inside a
-`tf.function` (pfor; TRAPS.md 9 measured it at 1.1-5.6x one batch gradient,
+`tf.function` (pfor; docs/pitfalls.md P9: 1.1-5.6x one batch gradient,
 against B^2 growth for `tape.jacobian`), with `fallback_to_while_loop=False`
 so an op pfor cannot vectorize raises instead of silently looping.
 
 Models with a Keras RNN layer running a `tf.while_loop` (`unroll=False`)
-cannot go through pfor (TRAPS.md 11). For those the sample gradients are
-computed by a `tf.map_fn` loop over samples inside the same `tf.function`
+cannot go through pfor (docs/pitfalls.md P11). For those the sample gradients
+are computed by a `tf.map_fn` loop over samples inside the same `tf.function`
 (exact, but several times slower); build the RNN with `unroll=True` to get
 the vectorized path.
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as logging_lib
-import weakref
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -40,15 +40,18 @@ import tensorflow as tf
 from absl import logging
 
 from tf_breakeven import linalg, statistics
-from tf_breakeven.distribute import concat_over_replicas, replica_strategy
+from tf_breakeven.distribute import concat_over_replicas
 from tf_breakeven.functional import (
     Batch,
     LossLike,
     ModelFunction,
     dense,
+    has_batch_norm,
     pfor_safe_einsum,
     probe_batches,
 )
+from tf_breakeven.operators import ProbeOperator, cached_kernel, loss_key
+from tf_breakeven.validation import ArgumentError, check_int
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -56,7 +59,7 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 class _DropConvFilterWarning(logging_lib.Filter):
     # pfor's Conv2DBackpropFilter converter loops internally and says so on
-    # every trace; it is not a fallback (TRAPS.md 10: it works with
+    # every trace; it is not a fallback (docs/pitfalls.md P10: it works with
     # fallback_to_while_loop=False), so the warning only misleads.
     def filter(self, record: logging_lib.LogRecord) -> bool:
         return "Conv2DBackpropFilter uses a while_loop" not in str(record.msg)
@@ -72,13 +75,6 @@ def quiet_pfor():
         yield
     finally:
         logger.removeFilter(drop)
-
-
-def _has_batch_norm(model: keras.Model) -> bool:
-    return any(
-        isinstance(layer, keras.layers.BatchNormalization)
-        for layer in model._flatten_layers(include_self=False)
-    )
 
 
 def _concat_batches(batches: list[Batch]) -> Batch:
@@ -154,91 +150,131 @@ def flat_rows(stacked: list[tf.Tensor]) -> tf.Tensor:
     )
 
 
-class _GradientKernel:
-    """`tf.function`s computing stacked sample gradients for one model."""
+def map_samples(
+    one: Callable[[tuple], Any],
+    elems: tuple,
+    *,
+    vectorized: bool,
+    output_signature: Any = None,
+) -> Any:
+    """`one(sample)` for every sample along axis 0 of `elems`, stacked.
+
+    Vectorized by pfor (`tf.vectorized_map` without a while-loop fallback,
+    Keras' einsum routed to `tf.einsum`, see `functional.pfor_safe_einsum`),
+    or, for models pfor cannot vectorize (`vectorized=False`: rolled RNNs),
+    a `tf.map_fn` loop with `output_signature`. Call it inside a
+    `tf.function`.
+    """
+    if vectorized:
+        with pfor_safe_einsum(), quiet_pfor():
+            return tf.vectorized_map(one, elems, fallback_to_while_loop=False)
+    return tf.map_fn(one, elems, fn_output_signature=output_signature)
+
+
+class GradientKernel:
+    """`tf.function`s computing stacked sample gradients for one model.
+
+    Shared per model configuration (`gradient_kernel`).
+
+    Attributes:
+        function: the model and loss as a pure function.
+        vectorized: whether samples go through pfor (False: a loop, for
+            rolled recurrent layers).
+        sample_gradients: `tf.function` `(x, y, sample_weight)` with inputs
+            shaped [n, M, ...] -> one [n, *variable.shape] tensor per
+            trainable variable.
+        flat_sample_gradients: the same as float64 rows [n, P].
+    """
 
     def __init__(self, function: ModelFunction, jit: bool):
         self.function = function
         self.vectorized = not function.has_rolled_recurrence
-        self.sample_gradients = tf.function(self._stacked, jit_compile=jit)
-        self.flat_sample_gradients = tf.function(self._flat, jit_compile=jit)
+        self.sample_gradients = tf.function(self.stacked, jit_compile=jit)
+        self.flat_sample_gradients = tf.function(self.rows, jit_compile=jit)
 
-    def _one(self, params, state, sample: Batch) -> list[tf.Tensor]:
-        return sample_gradient(self.function, params, state, sample)[0]
-
-    def _stacked(self, x, y, sample_weight):
-        """Gradients of every sample; inputs shaped [n, M, ...]."""
+    def stacked(self, x, y, sample_weight):
+        """Gradients of every sample, untraced; inputs shaped [n, M, ...]."""
         fn = self.function
         params, state = fn.read_parameters(), fn.read_state()
 
         def one(sample):
             weight = sample[2] if len(sample) == 3 else None
-            return self._one(params, state, Batch(sample[0], sample[1], weight))
+            batch = Batch(sample[0], sample[1], weight)
+            return sample_gradient(fn, params, state, batch)[0]
 
         elems = (x, y) if sample_weight is None else (x, y, sample_weight)
-        if self.vectorized:
-            with pfor_safe_einsum(), quiet_pfor():
-                return tf.vectorized_map(
-                    one, elems, fallback_to_while_loop=False
-                )
-        return tf.map_fn(
+        return map_samples(
             one,
             elems,
-            fn_output_signature=[
-                tf.TensorSpec(p.shape, p.dtype) for p in params
-            ],
+            vectorized=self.vectorized,
+            output_signature=[tf.TensorSpec(p.shape, p.dtype) for p in params],
         )
 
-    def _flat(self, x, y, sample_weight):
-        return flat_rows(self._stacked(x, y, sample_weight))
+    def rows(self, x, y, sample_weight):
+        """`stacked` as float64 rows [n, P], untraced."""
+        return flat_rows(self.stacked(x, y, sample_weight))
 
 
-_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _kernel_for(model, loss, training, jit_compile) -> _GradientKernel:
+def gradient_kernel(
+    model: keras.Model,
+    loss: LossLike = None,
+    *,
+    training: bool = True,
+    jit_compile: bool = False,
+) -> GradientKernel:
+    """The shared `GradientKernel` of a model configuration."""
     function = ModelFunction(model, loss, training=training)
-    key = (
-        id(loss) if loss is not None and not isinstance(loss, str) else loss,
-        bool(training),
-        bool(jit_compile),
-    )
-    per_model = _KERNELS.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = _GradientKernel(function, jit_compile)
-        if not per_model[key].vectorized:
+    key = ("gradients", loss_key(loss), bool(training), bool(jit_compile))
+
+    def build():
+        kernel = GradientKernel(function, jit_compile)
+        if not kernel.vectorized:
             logging.warning(
                 "tf_breakeven: %s has a recurrent layer with unroll=False; "
                 "sample gradients use a sequential tf.map_fn loop (exact but "
                 "slower). Build it with unroll=True to vectorize them.",
                 model.name,
             )
-    return per_model[key]
+        return kernel
+
+    return cached_kernel(model, key, build)
 
 
-def _prepare(model, data, microbatch_size, training):
-    if isinstance(microbatch_size, bool) or not isinstance(
-        microbatch_size, (int, np.integer)
-    ):
-        raise ValueError(
-            f"`microbatch_size` must be an int >= 1; got {microbatch_size!r}."
-        )
-    if microbatch_size < 1:
-        raise ValueError(
-            f"`microbatch_size` must be >= 1; got {microbatch_size}."
-        )
-    if microbatch_size == 1 and training and _has_batch_norm(model):
-        raise ValueError(
+def prepare_samples(
+    model: keras.Model, data: Any, microbatch_size: int, training: bool
+) -> Batch:
+    """The probe set as n samples of M examples, tensors [n, M, ...].
+
+    Raises:
+        ValueError: M not an int >= 1, M = 1 with BatchNormalization in
+            training mode, or M not dividing the number of examples.
+    """
+    check_microbatch_size(model, microbatch_size, training)
+    return split_samples(probe_batches(data), microbatch_size)
+
+
+def check_microbatch_size(
+    model: keras.Model, microbatch_size: int, training: bool
+) -> int:
+    """Validates M for `model` (see `prepare_samples`); returns it."""
+    microbatch_size = check_int("microbatch_size", microbatch_size, 1)
+    if microbatch_size == 1 and training and has_batch_norm(model):
+        raise ArgumentError(
             "The model has BatchNormalization and `training=True`: a single "
             "example has no batch statistics, so per-example gradients are "
             "undefined. Pass `training=False` (inference-mode statistics) or "
             "`microbatch_size >= 2` (each micro-batch uses its own "
             "statistics)."
         )
-    batch = _concat_batches(probe_batches(data))
+    return microbatch_size
+
+
+def split_samples(batches: list[Batch], microbatch_size: int) -> Batch:
+    """Probe batches joined and split into samples of M, [n, M, ...]."""
+    batch = _concat_batches(batches)
     total = tf.nest.flatten(batch.x)[0].shape[0]
     if total % microbatch_size:
-        raise ValueError(
+        raise ArgumentError(
             f"`microbatch_size={microbatch_size}` does not divide the "
             f"{total} probe examples; pass a divisor of {total} or trim the "
             f"probe set to {total - total % microbatch_size} examples."
@@ -246,7 +282,7 @@ def _prepare(model, data, microbatch_size, training):
     return _split_samples(batch, int(microbatch_size))
 
 
-def _check_fits(kernel: _GradientKernel, samples: Batch) -> None:
+def _check_fits(kernel: GradientKernel, samples: Batch) -> None:
     first = _slice(samples, 0, 1)
     first = Batch(
         *(
@@ -294,13 +330,20 @@ def per_example_gradients(
         One tensor per trainable variable, shaped `[N, *variable.shape]`;
         row i is the gradient of `w_i * l_i (+ regularization)`.
     """
-    samples = _prepare(model, data, 1, training)
-    kernel = _kernel_for(model, loss, training, jit_compile)
+    samples = prepare_samples(model, data, 1, training)
+    kernel = gradient_kernel(
+        model, loss, training=training, jit_compile=jit_compile
+    )
     _check_fits(kernel, samples)
     return kernel.sample_gradients(*samples)
 
 
-def _chunk_size(n: int, dim: int, memory_budget: int) -> int:
+def chunk_size(n: int, dim: int, memory_budget: int) -> int:
+    """Samples per chunk of rows for `memory_budget` bytes.
+
+    All n when every row fits (each gradient computed once); otherwise the
+    size of which two chunks fit at once (blocks a and b of the Gram).
+    """
     # A sample's row: float32 gradient + its float64 copy.
     per_sample = dim * (4 + 8)
     if n * per_sample <= memory_budget:
@@ -342,44 +385,59 @@ def gradient_gram(
     Returns:
         A symmetric [n, n] numpy float64 array, n = N / M.
     """
-    return _SampleRows(
+    return SampleRows(
         model,
         data,
-        microbatch_size,
-        loss,
-        training,
-        memory_budget,
-        jit_compile,
+        microbatch_size=microbatch_size,
+        loss=loss,
+        training=training,
+        memory_budget=memory_budget,
+        jit_compile=jit_compile,
     ).gram()
 
 
-class _SampleRows:
-    """Flat float64 sample gradients of a probe set, chunk by chunk."""
+class SampleRows(ProbeOperator):
+    """Flat float64 sample gradients of a probe set, chunk by chunk.
+
+    The probe set is split into n samples of M examples
+    (`prepare_samples`); rows are computed by the shared `GradientKernel`
+    in chunks that fit `memory_budget`, and under a multi-replica strategy
+    each replica computes a share of a chunk's rows, gathered in order.
+
+    Args:
+        model, data, microbatch_size, loss, training, memory_budget,
+            jit_compile: see `gradient_gram`.
+    """
 
     def __init__(
         self,
-        model,
-        data,
-        microbatch_size,
-        loss,
-        training,
-        memory_budget,
-        jit_compile,
+        model: keras.Model,
+        data: Any,
+        *,
+        microbatch_size: int = 1,
+        loss: LossLike = None,
+        training: bool = True,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        jit_compile: bool = False,
     ):
-        self.samples = _prepare(model, data, microbatch_size, training)
-        self.kernel = _kernel_for(model, loss, training, jit_compile)
+        self.microbatch_size = check_microbatch_size(
+            model, microbatch_size, training
+        )
+        self.kernel = gradient_kernel(
+            model, loss, training=training, jit_compile=jit_compile
+        )
+        super().__init__(
+            self.kernel.function, data, None, jit_compile=jit_compile
+        )
+        self.samples = split_samples(self.batches, self.microbatch_size)
         _check_fits(self.kernel, self.samples)
         self.n = tf.nest.flatten(self.samples.x)[0].shape[0]
-        self.chunk = _chunk_size(
-            self.n, self.kernel.function.dim, memory_budget
-        )
+        self.chunk = chunk_size(self.n, self.dim, memory_budget)
         self.starts = list(range(0, self.n, self.chunk))
-        # Under a multi-replica strategy each replica computes a share of
-        # the chunk's sample gradients and they are gathered in order.
-        self.strategy = None if jit_compile else replica_strategy(model)
         self._single = None  # the rows, when they fit in one chunk
 
     def rows(self, start: int) -> tf.Tensor:
+        """Rows [start, start + chunk) as float64 [chunk, P]."""
         if self._single is not None:
             return self._single
         rows = concat_over_replicas(
@@ -392,6 +450,7 @@ class _SampleRows:
         return rows
 
     def gram(self) -> np.ndarray:
+        """G_ij = <g_i, g_j>, a symmetric float64 [n, n] numpy array."""
         blocks = {}
         for a, start_a in enumerate(self.starts):
             rows_a = self.rows(start_a)
@@ -453,14 +512,14 @@ def gradient_covariance_eigenpairs(
         `(eigenvalues, eigenvectors)`: float64 [k'] descending, and k' unit
         vectors, each a list of tensors shaped like the trainable variables.
     """
-    rows = _SampleRows(
+    rows = SampleRows(
         model,
         data,
-        microbatch_size,
-        loss,
-        training,
-        memory_budget,
-        jit_compile,
+        microbatch_size=microbatch_size,
+        loss=loss,
+        training=training,
+        memory_budget=memory_budget,
+        jit_compile=jit_compile,
     )
     eigenvalues, coefficients = statistics.top_directions(
         rows.gram(), k, centered=centered
@@ -487,15 +546,14 @@ def gradient_statistics(
 ) -> dict[str, float]:
     """Covariance spectrum, conditioning, confusion and noise of gradients.
 
-    Computes `gradient_gram` and then `statistics.gram_statistics` on it;
-    see that function for the keys (`grad_cov/lambda_1`, `confusion/eta`,
-    `grad/noise_scale`, ...).
+    Computes `gradient_gram` and then its statistics (`gram_statistics`);
+    see `tf_breakeven.statistics` for the keys (`grad_cov/lambda_1`,
+    `confusion/eta`, `grad/noise_scale`, ...).
 
     Returns:
         A dict of Python floats.
     """
-    if k < 1:
-        raise ValueError(f"`k` must be >= 1; got {k}.")
+    k = check_int("k", k, 1)
     gram = gradient_gram(
         model,
         data,
@@ -505,6 +563,44 @@ def gradient_statistics(
         memory_budget=memory_budget,
         jit_compile=jit_compile,
     )
-    return statistics.gram_statistics(
+    return gram_statistics(
         gram, microbatch_size=microbatch_size, k=k, **statistics_kwargs
     )
+
+
+_STATISTICS: dict = {}
+
+
+def gram_statistics(
+    gram: np.ndarray, *, microbatch_size: int = 1, k: int = 5, **kwargs: Any
+) -> dict[str, float]:
+    """The statistics of a sample-gradient Gram matrix, as Python floats.
+
+    The library's one implementation, `statistics.gram_statistics_tf`, in a
+    `tf.function` traced once per Gram size and configuration (the numpy
+    `statistics.gram_statistics` is its independent reference).
+
+    Args:
+        gram: the [n, n] Gram matrix of n >= 2 sample gradients.
+        microbatch_size, k, **kwargs: see `statistics.gram_statistics`.
+
+    Raises:
+        ValueError: fewer than two samples, or a bad argument.
+    """
+    n = int(np.shape(gram)[0])
+    if n < 2:
+        raise ArgumentError(
+            f"need at least 2 sample gradients, got a Gram matrix of n={n}; "
+            "use a larger probe set or a smaller microbatch_size."
+        )
+    if "quantiles" in kwargs:
+        kwargs["quantiles"] = tuple(kwargs["quantiles"])
+    key = (microbatch_size, k, tuple(sorted(kwargs.items())))
+    if key not in _STATISTICS:
+        _STATISTICS[key] = tf.function(
+            lambda g: statistics.gram_statistics_tf(
+                g, microbatch_size=microbatch_size, k=k, **kwargs
+            )
+        )
+    values = _STATISTICS[key](tf.convert_to_tensor(gram, tf.float64))
+    return {name: float(value) for name, value in values.items()}

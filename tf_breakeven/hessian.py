@@ -14,63 +14,62 @@ How the Hessian-vector product is computed (`method`):
 * `"backward_over_backward"`: the gradient of `<grad, v>`. Used
   automatically (`method="auto"`) when a Keras RNN layer (LSTM, GRU, ...)
   runs with `unroll=False`: forward mode through the backward pass of a
-  `tf.while_loop` fails in TF 2.21 (TRAPS.md 6), double backward does not.
+  `tf.while_loop` fails in TF 2.21 (docs/pitfalls.md P6), double backward
+  does not.
 
 Both are exact through normalization layers because the model function
 runs under `functional.exact_moments()`. Embedding gradients and their
-tangents arrive as `IndexedSlices` and are densified (TRAPS.md 3).
+tangents arrive as `IndexedSlices` and are densified (docs/pitfalls.md P3).
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_breakeven import linalg
-from tf_breakeven.distribute import replica_strategy, sum_over_batches
+from tf_breakeven import curvature, spectrum
+from tf_breakeven.curvature import directional_curvature  # noqa: F401
 from tf_breakeven.functional import (
     Batch,
     LossLike,
     ModelFunction,
     check_vector,
     dense,
-    num_examples,
-    probe_batches,
 )
+from tf_breakeven.operators import ProbeOperator, cached_kernel, loss_key
+from tf_breakeven.spectrum import Eigenpairs
+from tf_breakeven.validation import check_choice
 
-_METHODS = ("auto", "forward_over_backward", "backward_over_backward")
+METHODS = ("auto", "forward_over_backward", "backward_over_backward")
+# Kept for code that imported the old name.
+HessianEigenpairs = Eigenpairs
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
-class HessianEigenpairs(NamedTuple):
-    """Eigenvalues (numpy, float64) and eigenvectors.
+class HessianKernel:
+    """The per-batch Hessian functions of one model configuration.
 
-    `eigenvectors[j]` is a list of tensors shaped like
-    `model.trainable_variables`, of unit total norm.
-    """
+    Shared by every operator on the same model and configuration
+    (`hessian_kernel`), so its `tf.function`s are traced once per batch
+    signature, not once per call.
 
-    eigenvalues: np.ndarray
-    eigenvectors: list[list[tf.Tensor]]
-
-
-class _Kernel:
-    """Per-batch derivative functions of one model configuration.
-
-    Shared by every operator on the same model and configuration, so their
-    `tf.function`s are traced once per batch signature, not once per call.
+    Attributes:
+        function: the model and loss as a pure function.
+        method: the HVP method in use (never "auto").
+        losses: `tf.function` `(x, y, sample_weight) -> per-example losses`.
+        hvp: `tf.function` `(vector, x, y, sample_weight) -> sum over the
+            batch of the per-example Hessians times vector`.
     """
 
     def __init__(self, function: ModelFunction, method: str, jit: bool):
         self.function = function
         self.method = method
         self.losses = tf.function(self._losses)
-        self.hvp = tf.function(self._hvp, jit_compile=jit)
-        self.curvature = tf.function(self._curvature, jit_compile=jit)
+        self.hvp = tf.function(self.batch_hvp, jit_compile=jit)
 
     def _losses(self, x, y, sample_weight):
         fn = self.function
@@ -78,7 +77,13 @@ class _Kernel:
             fn.read_parameters(), fn.read_state(), x, y, sample_weight
         )
 
-    def _hvp(self, vector, x, y, sample_weight):
+    def batch_hvp(self, vector, x, y, sample_weight):
+        """H_sum v on one batch, untraced (call it inside a `tf.function`).
+
+        H_sum is the Hessian of the *sum* of the batch's weighted
+        per-example losses at the model's current parameters; divide by the
+        number of examples for the Hessian of the mean.
+        """
         fn = self.function
         params, state = fn.read_parameters(), fn.read_state()
         batch = Batch(x, y, sample_weight)
@@ -112,33 +117,23 @@ class _Kernel:
             )
         return [dense(t, p) for t, p in zip(tangents, params)]
 
-    def _curvature(self, direction, x, y, sample_weight):
-        # Second directional derivative of every per-example loss at once:
-        # forward over forward, d^2/dt^2 l_i(theta + t e) = e^T H_i e.
-        fn = self.function
-        params, state = fn.read_parameters(), fn.read_state()
-        with tf.autodiff.ForwardAccumulator(params, direction) as outer:
-            with tf.autodiff.ForwardAccumulator(params, direction) as inner:
-                losses = fn.per_example_losses(
-                    params, state, x, y, sample_weight
-                )
-            first = inner.jvp(losses, unconnected_gradients=_ZERO)
-        return outer.jvp(first, unconnected_gradients=_ZERO)
 
-
-_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _kernel_for(
+def hessian_kernel(
     model: keras.Model,
-    loss: LossLike,
-    training: bool,
-    include_regularization: bool,
-    method: str,
-    jit_compile: bool,
-) -> _Kernel:
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}; got {method!r}.")
+    loss: LossLike = None,
+    *,
+    training: bool = True,
+    include_regularization: bool = True,
+    method: str = "auto",
+    jit_compile: bool = False,
+) -> HessianKernel:
+    """The shared `HessianKernel` of a model configuration.
+
+    Args:
+        model, loss, training, include_regularization, method, jit_compile:
+            see `HessianOperator`.
+    """
+    check_choice("method", method, METHODS)
     function = ModelFunction(
         model,
         loss,
@@ -152,35 +147,28 @@ def _kernel_for(
             else "forward_over_backward"
         )
     key = (
-        id(loss) if loss is not None and not isinstance(loss, str) else loss,
+        "hessian",
+        loss_key(loss),
         bool(training),
         bool(include_regularization),
         method,
         bool(jit_compile),
     )
-    per_model = _KERNELS.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = _Kernel(function, method, jit_compile)
-    return per_model[key]
-
-
-def _signature(batch: Batch) -> tuple:
-    def spec(t):
-        return (tuple(t.shape), t.dtype)
-
-    return (
-        tuple(spec(t) for t in tf.nest.flatten(batch.x)),
-        tuple(spec(t) for t in tf.nest.flatten(batch.y)),
-        None if batch.sample_weight is None else spec(batch.sample_weight),
+    return cached_kernel(
+        model, key, lambda: HessianKernel(function, method, jit_compile)
     )
 
 
-class HessianOperator:
+class HessianOperator(ProbeOperator):
     """The Hessian of the mean probe-set loss as a matrix-free operator.
 
+    A linear operator: `matvec`, `flat_matvec`, `dim`, `dtype`, `shapes`.
     Reads the model's current variables at every call, so one operator can
     follow a training run. Its `tf.function`s are traced once per batch
     shape and reused across calls and across operators on the same model.
+    The solvers of `tf_breakeven.spectrum` (eigenpairs, trace, density)
+    take it, or any operator of the same shape; `eigenpairs`, `trace` and
+    `spectral_density` are shortcuts to them.
 
     Example:
         >>> op = HessianOperator(model, (x, y))
@@ -199,7 +187,7 @@ class HessianOperator:
         method: "auto", "forward_over_backward" or "backward_over_backward"
             (see the module docstring).
         jit_compile: compile the per-batch functions and solvers with XLA
-            (needed on TPUs; slower on CPU, TRAPS.md 7 and 17).
+            (needed on TPUs; slower on CPU, docs/pitfalls.md P7).
 
     Raises:
         ValueError: no loss, empty or malformed data, data that does not fit
@@ -217,49 +205,24 @@ class HessianOperator:
         method: str = "auto",
         jit_compile: bool = False,
     ):
-        self._kernel = _kernel_for(
-            model, loss, training, include_regularization, method, jit_compile
+        self.kernel = hessian_kernel(
+            model,
+            loss,
+            training=training,
+            include_regularization=include_regularization,
+            method=method,
+            jit_compile=jit_compile,
         )
-        self.function = self._kernel.function
-        self.batches = probe_batches(data)
-        self.num_examples = num_examples(self.batches)
-        self.jit_compile = bool(jit_compile)
-        self._solvers: dict = {}
-        self._check_data()
+        super().__init__(
+            self.kernel.function,
+            data,
+            self.kernel.losses,
+            jit_compile=jit_compile,
+        )
 
     @property
     def method(self) -> str:
-        return self._kernel.method
-
-    @property
-    def dim(self) -> int:
-        """Number of trainable parameters (the operator's dimension)."""
-        return self.function.dim
-
-    @property
-    def dtype(self) -> tf.DType:
-        return self.function.dtype
-
-    @property
-    def shapes(self) -> list[tf.TensorShape]:
-        return self.function.shapes
-
-    def _check_data(self) -> None:
-        seen = set()
-        for batch in self.batches:
-            signature = _signature(batch)
-            if signature in seen:
-                continue
-            seen.add(signature)
-            try:
-                self._kernel.losses.get_concrete_function(*batch)
-            except (ValueError, TypeError, tf.errors.OpError) as error:
-                raise ValueError(
-                    "The probe data does not fit the model or the loss "
-                    f"(batch signature {signature}): {error}. Pass inputs "
-                    "shaped like the model's inputs and targets the loss "
-                    "accepts."
-                ) from error
+        return self.kernel.method
 
     def matvec(self, vector: Sequence[Any]) -> list[tf.Tensor]:
         """H v for v shaped like `model.trainable_variables`."""
@@ -267,167 +230,34 @@ class HessianOperator:
         return self._matvec(vector)
 
     def _matvec(self, vector: list[tf.Tensor]) -> list[tf.Tensor]:
-        # Under a multi-replica strategy each replica takes a batch at a
-        # time and the products are summed (`tf_breakeven.distribute`).
-        strategy = (
-            None if self.jit_compile else replica_strategy(self.function.model)
-        )
-        total = sum_over_batches(
-            strategy, self._kernel.hvp, (vector,), self.batches
-        )
+        total = self.sum_over_batches(self.kernel.hvp, (vector,))
         scale = tf.constant(1.0 / self.num_examples, self.dtype)
         return [t * scale for t in total]
 
     def flat_matvec(self, vector: tf.Tensor) -> tf.Tensor:
         """H v on a flat vector of length `dim` (for `linalg` solvers)."""
-        parts = linalg.unflatten_tensors(vector, self.shapes)
-        return linalg.flatten_tensors(self._matvec(parts))
+        return self.to_flat(self._matvec(self.from_flat(vector)))
 
     def directional_curvature(self, direction: Sequence[Any]) -> tf.Tensor:
-        """Per-example curvature `e^T H_i e` for every probe example, [N].
+        """`e^T H_i e` for every probe example; see
+        `tf_breakeven.curvature.directional_curvature`."""
+        return curvature.probe_curvature(self, direction)
 
-        H_i is the Hessian of example i's (weighted) loss, computed for all
-        examples at once by forward-over-forward differentiation of the
-        vector of per-example losses. In training mode with
-        BatchNormalization, l_i depends on the whole batch through its
-        statistics, and H_i is the Hessian of that coupled l_i; in every
-        case `mean_i e^T H_i e == e^T H e`. `e` is used as given (normalize
-        it for the curvature along a direction).
-        """
-        direction = check_vector(direction, self.shapes, self.dtype)
-        return tf.concat(
-            [self._kernel.curvature(direction, *b) for b in self.batches],
-            axis=0,
-        )
+    def eigenpairs(self, k: int = 1, **kwargs: Any) -> Eigenpairs:
+        """Top or bottom k eigenpairs; see `spectrum.eigenpairs`."""
+        return spectrum.eigenpairs(self, k, **kwargs)
 
-    def _solver(self, key: tuple, build):
-        if key not in self._solvers:
-            self._solvers[key] = tf.function(
-                build, jit_compile=self.jit_compile
-            )
-        return self._solvers[key]
+    def trace(self, **kwargs: Any) -> float:
+        """Trace estimate; see `spectrum.trace`."""
+        return spectrum.trace(self, **kwargs)
 
-    def _structured(self, flat_vectors: tf.Tensor) -> list[list[tf.Tensor]]:
-        return [
-            linalg.unflatten_tensors(v, self.shapes)
-            for v in tf.unstack(flat_vectors)
-        ]
-
-    def eigenpairs(
-        self,
-        k: int = 1,
-        *,
-        which: str = "largest",
-        num_iterations: int | None = None,
-        seed: int = 0,
-        start_vector: Sequence[Any] | None = None,
-    ) -> HessianEigenpairs:
-        """Top or bottom k eigenpairs by Lanczos (see `linalg.eigsh`)."""
-        dim = self.dim
-        # Validate eagerly in Python before any tracing.
-        linalg.eigsh_config(dim, k, which=which, num_iterations=num_iterations)
-
-        def run(start):
-            return linalg.eigsh(
-                self.flat_matvec,
-                dim,
-                k,
-                which=which,
-                num_iterations=num_iterations,
-                start_vector=start,
-                seed=seed,
-                dtype=self.dtype,
-            )
-
-        key = ("eigsh", k, which, num_iterations, seed, start_vector is None)
-        if start_vector is None:
-            result = self._solver(key, lambda: run(None))()
-        else:
-            start = linalg.flatten_tensors(
-                check_vector(start_vector, self.shapes, self.dtype)
-            )
-            result = self._solver(key, run)(start)
-        return HessianEigenpairs(
-            np.asarray(result.eigenvalues, np.float64),
-            self._structured(result.eigenvectors),
-        )
-
-    def trace(
-        self, *, num_samples: int = 30, method: str = "hutch++", seed: int = 0
-    ) -> float:
-        """Trace estimate by Hutch++ (default) or Hutchinson."""
-        estimators = {
-            "hutch++": linalg.hutchpp_trace,
-            "hutchinson": linalg.hutchinson_trace,
-        }
-        if method not in estimators:
-            raise ValueError(
-                f"`method` must be 'hutch++' or 'hutchinson'; got {method!r}."
-            )
-        estimator = estimators[method]
-        key = ("trace", method, num_samples, seed)
-        fn = self._solver(
-            key,
-            lambda: estimator(
-                self.flat_matvec,
-                self.dim,
-                num_samples,
-                seed=seed,
-                dtype=self.dtype,
-            ),
-        )
-        return float(fn())
-
-    def spectral_density(
-        self,
-        *,
-        num_runs: int = 1,
-        num_iterations: int = 80,
-        grid: int | np.ndarray = 1000,
-        sigma: float | None = None,
-        seed: int = 0,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Spectral density by stochastic Lanczos quadrature.
-
-        Returns:
-            `(grid, density)` float64 arrays; the density integrates to 1.
-        """
-        if num_runs < 1:
-            raise ValueError(f"`num_runs` must be >= 1; got {num_runs}.")
-        num_iterations = min(int(num_iterations), self.dim)
-        if num_iterations < 1:
-            raise ValueError(
-                f"`num_iterations` must be >= 1; got {num_iterations}."
-            )
-        key = ("slq", num_runs, num_iterations, seed)
-        fn = self._solver(
-            key,
-            lambda: linalg.slq(
-                self.flat_matvec,
-                self.dim,
-                num_runs,
-                num_iterations,
-                seed=seed,
-                dtype=self.dtype,
-            ),
-        )
-        nodes, weights = fn()
-        if isinstance(grid, (int, np.integer)):
-            return linalg.spectral_density(
-                nodes, weights, num_points=int(grid), sigma=sigma
-            )
-        return linalg.spectral_density(nodes, weights, grid=grid, sigma=sigma)
+    def spectral_density(self, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """SLQ spectral density; see `spectrum.spectral_density`."""
+        return spectrum.spectral_density(self, **kwargs)
 
 
-def _operator(model, data, loss, training, include_regularization, method):
-    return HessianOperator(
-        model,
-        data,
-        loss=loss,
-        training=training,
-        include_regularization=include_regularization,
-        method=method,
-    )
+def _operator(model, data, **kwargs) -> HessianOperator:
+    return HessianOperator(model, data, **kwargs)
 
 
 def hessian_vector_product(
@@ -439,6 +269,7 @@ def hessian_vector_product(
     training: bool = True,
     include_regularization: bool = True,
     method: str = "auto",
+    jit_compile: bool = False,
 ) -> list[tf.Tensor]:
     """Hessian of the mean probe loss times `vector`.
 
@@ -447,13 +278,21 @@ def hessian_vector_product(
         data: `(x, y[, sample_weight])` or a finite `tf.data.Dataset` of such
             batches.
         vector: tensors shaped like `model.trainable_variables`.
-        loss, training, include_regularization, method: see
+        loss, training, include_regularization, method, jit_compile: see
             `HessianOperator`.
 
     Returns:
         H v, a list of tensors shaped like `model.trainable_variables`.
     """
-    op = _operator(model, data, loss, training, include_regularization, method)
+    op = _operator(
+        model,
+        data,
+        loss=loss,
+        training=training,
+        include_regularization=include_regularization,
+        method=method,
+        jit_compile=jit_compile,
+    )
     return op.matvec(vector)
 
 
@@ -470,17 +309,28 @@ def hessian_eigenpairs(
     training: bool = True,
     include_regularization: bool = True,
     method: str = "auto",
-) -> HessianEigenpairs:
+    jit_compile: bool = False,
+) -> Eigenpairs:
     """Top (`which="largest"`, descending) or bottom (ascending) k eigenpairs.
 
     Lanczos with full reorthogonalization on Hessian-vector products; see
-    `linalg.eigsh` for the default number of iterations.
+    `spectrum.eigenpairs` and `linalg.eigsh` (default number of
+    iterations).
 
     Returns:
-        `HessianEigenpairs(eigenvalues, eigenvectors)`.
+        `Eigenpairs(eigenvalues, eigenvectors)`.
     """
-    op = _operator(model, data, loss, training, include_regularization, method)
-    return op.eigenpairs(
+    op = _operator(
+        model,
+        data,
+        loss=loss,
+        training=training,
+        include_regularization=include_regularization,
+        method=method,
+        jit_compile=jit_compile,
+    )
+    return spectrum.eigenpairs(
+        op,
         k,
         which=which,
         num_iterations=num_iterations,
@@ -511,10 +361,24 @@ def hessian_trace(
     loss: LossLike = None,
     training: bool = True,
     include_regularization: bool = True,
+    hvp_method: str = "auto",
+    jit_compile: bool = False,
 ) -> float:
-    """Tr(H) by Hutch++ (default) or Hutchinson with `num_samples` HVPs."""
-    op = _operator(model, data, loss, training, include_regularization, "auto")
-    return op.trace(num_samples=num_samples, method=method, seed=seed)
+    """Tr(H) by Hutch++ (default) or Hutchinson with `num_samples` HVPs.
+
+    `method` names the trace estimator; `hvp_method` is the `method` of
+    `HessianOperator`.
+    """
+    op = _operator(
+        model,
+        data,
+        loss=loss,
+        training=training,
+        include_regularization=include_regularization,
+        method=hvp_method,
+        jit_compile=jit_compile,
+    )
+    return spectrum.trace(op, num_samples=num_samples, method=method, seed=seed)
 
 
 def hessian_spectral_density(
@@ -529,38 +393,28 @@ def hessian_spectral_density(
     loss: LossLike = None,
     training: bool = True,
     include_regularization: bool = True,
+    method: str = "auto",
+    jit_compile: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hessian eigenvalue density by SLQ (Ghorbani et al. 2019).
 
     Returns:
         `(grid, density)`, float64 arrays for plotting; integrates to 1.
     """
-    op = _operator(model, data, loss, training, include_regularization, "auto")
-    return op.spectral_density(
+    op = _operator(
+        model,
+        data,
+        loss=loss,
+        training=training,
+        include_regularization=include_regularization,
+        method=method,
+        jit_compile=jit_compile,
+    )
+    return spectrum.spectral_density(
+        op,
         num_runs=num_runs,
         num_iterations=num_iterations,
         grid=grid,
         sigma=sigma,
         seed=seed,
     )
-
-
-def directional_curvature(
-    model: keras.Model,
-    data: Any,
-    direction: Sequence[Any],
-    *,
-    loss: LossLike = None,
-    training: bool = True,
-    include_regularization: bool = True,
-) -> tf.Tensor:
-    """Per-example curvature `e^T H_i e` along `direction` for every example.
-
-    See `HessianOperator.directional_curvature`. Its variance over examples
-    is the s^2 of the SGD stability condition (break-even paper, eq. 1).
-
-    Returns:
-        A tensor of shape [num_examples].
-    """
-    op = _operator(model, data, loss, training, include_regularization, "auto")
-    return op.directional_curvature(direction)
