@@ -186,8 +186,8 @@ def test_measuring_does_not_change_training_bitwise(tmp_path):
             dataset_size=32,
             schedule=1,
             recorder=recorder,
-            trace=True,
         ),
+        cb.HessianSpectrum(probe, schedule=1, recorder=recorder, trace=True),
         cb.GradientCovariance(
             probe, microbatch_size=4, schedule=2, recorder=recorder
         ),
@@ -260,7 +260,7 @@ def test_break_even_needs_a_readable_positive_learning_rate():
     with pytest.raises(ValueError, match="learning rate"):
         _fit(model, [broken], epochs=1)
     with pytest.raises(ValueError, match="cannot read a learning rate"):
-        cb._learning_rate(object())
+        cb.read_learning_rate(object())
 
 
 def test_resume_continues_records_without_duplicates(tmp_path):

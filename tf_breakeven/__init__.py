@@ -6,18 +6,26 @@ eigenvalues, trace and spectral density; the spectrum and conditioning of
 the gradient covariance; gradient confusion, diversity and noise scale.
 """
 
+import importlib
+from typing import Any
+
 from tf_breakeven import (
     callbacks,
+    curvature,
     distribute,
     functional,
+    gradients,
+    hessian,
     linalg,
-    plotting,
+    operators,
     presets,
     recording,
     schedules,
+    spectrum,
     stability,
     statistics,
     training,
+    validation,
 )
 from tf_breakeven.callbacks import (
     BreakEven,
@@ -25,6 +33,7 @@ from tf_breakeven.callbacks import (
     GradientCovariance,
     HessianSpectrum,
 )
+from tf_breakeven.curvature import directional_curvature
 from tf_breakeven.gradients import (
     gradient_covariance_eigenpairs,
     gradient_gram,
@@ -34,7 +43,6 @@ from tf_breakeven.gradients import (
 from tf_breakeven.hessian import (
     HessianEigenpairs,
     HessianOperator,
-    directional_curvature,
     hessian_eigenpairs,
     hessian_eigenvalues,
     hessian_spectral_density,
@@ -43,12 +51,25 @@ from tf_breakeven.hessian import (
 )
 from tf_breakeven.presets import make_probe, preset
 from tf_breakeven.recording import Recorder, read_records
+from tf_breakeven.spectrum import Eigenpairs
 from tf_breakeven.training import TrackingConfig, TrackingModel, track
 
 __version__ = "0.1.0"
 
+# Imported on first use, so `import tf_breakeven` imports no plotting
+# library and never touches a notebook's matplotlib backend.
+_LAZY_MODULES = ("plotting",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"tf_breakeven.{name}")
+    raise AttributeError(f"module 'tf_breakeven' has no attribute {name!r}")
+
+
 __all__ = [
     "BreakEven",
+    "Eigenpairs",
     "GradientConfusion",
     "GradientCovariance",
     "HessianEigenpairs",
@@ -58,12 +79,15 @@ __all__ = [
     "TrackingConfig",
     "TrackingModel",
     "callbacks",
+    "curvature",
     "distribute",
     "directional_curvature",
     "functional",
     "gradient_covariance_eigenpairs",
     "gradient_gram",
     "gradient_statistics",
+    "gradients",
+    "hessian",
     "hessian_eigenpairs",
     "hessian_eigenvalues",
     "hessian_spectral_density",
@@ -71,6 +95,7 @@ __all__ = [
     "hessian_vector_product",
     "linalg",
     "make_probe",
+    "operators",
     "per_example_gradients",
     "plotting",
     "preset",
@@ -78,8 +103,10 @@ __all__ = [
     "read_records",
     "recording",
     "schedules",
+    "spectrum",
     "stability",
     "statistics",
     "track",
     "training",
+    "validation",
 ]

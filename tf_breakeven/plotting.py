@@ -12,14 +12,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tf_breakeven import recording  # noqa: E402
+from tf_breakeven import recording, stability
 
 
 def _records(records: Any) -> list[dict]:
@@ -42,13 +38,8 @@ def series(records: Any, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def break_even_step(records: Any) -> int | None:
-    """The recorded break-even step, if any."""
-    steps = [
-        int(r["breakeven_step"])
-        for r in _records(records)
-        if r.get("breakeven_step") is not None
-    ]
-    return min(steps) if steps else None
+    """The break-even step of the records (`stability.find_break_even`)."""
+    return stability.find_break_even(_records(records))
 
 
 def plot_sharpness(records: Any, *, title: str = "") -> plt.Figure:

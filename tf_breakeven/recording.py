@@ -58,6 +58,28 @@ def _histogram(key: str, values: np.ndarray) -> dict:
     }
 
 
+def _record(step, epoch, source, metrics, config, histograms, curves) -> dict:
+    """The JSON record of one measurement (see `Recorder.write`)."""
+    record = {
+        "step": int(step),
+        "epoch": int(epoch),
+        "wall_time": time.time(),
+        "source": source,
+        "config": _to_json(dict(config or {})),
+    }
+    record.update(_to_json(dict(metrics)))
+    if histograms:
+        record["histograms"] = {
+            key: _histogram(key, values) for key, values in histograms.items()
+        }
+    if curves:
+        record["curves"] = {
+            key: {"x": _to_json(np.asarray(x)), "y": _to_json(np.asarray(y))}
+            for key, (x, y) in curves.items()
+        }
+    return record
+
+
 def _parse_lines(text: str, path: str) -> list[dict]:
     lines = text.split("\n")
     records = []
@@ -157,6 +179,22 @@ class Recorder:
                 self.path,
             )
 
+    def records(
+        self, *, source: str | None = None, until_step: int | None = None
+    ) -> list[dict]:
+        """Records in the file (of `source`; up to `until_step`), in order.
+
+        What a measurement resumes from: after `resume(step)` these are the
+        records the restored run keeps.
+        """
+        if not self.path:
+            return []
+        return [
+            r
+            for r in read_records(self.path, source)
+            if until_step is None or r["step"] <= until_step
+        ]
+
     def write(
         self,
         *,
@@ -182,27 +220,9 @@ class Recorder:
             curves: `(x, y)` pairs (e.g. a spectral density), written to
                 the record under "curves" as `{"x": [...], "y": [...]}`.
         """
-        record = {
-            "step": int(step),
-            "epoch": int(epoch),
-            "wall_time": time.time(),
-            "source": source,
-            "config": _to_json(dict(config or {})),
-        }
-        record.update(_to_json(dict(metrics)))
-        if histograms:
-            record["histograms"] = {
-                key: _histogram(key, values)
-                for key, values in histograms.items()
-            }
-        if curves:
-            record["curves"] = {
-                key: {
-                    "x": _to_json(np.asarray(x)),
-                    "y": _to_json(np.asarray(y)),
-                }
-                for key, (x, y) in curves.items()
-            }
+        record = _record(
+            step, epoch, source, metrics, config, histograms, curves
+        )
         if self.path:
             _fsync_append(self.path, json.dumps(record) + "\n")
         writer = self._tensorboard()
@@ -224,3 +244,12 @@ class Recorder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def as_recorder(
+    recorder: Recorder | str | os.PathLike | None,
+) -> Recorder | None:
+    """A `Recorder` from a Recorder, a JSONL path, or None."""
+    if recorder is None or isinstance(recorder, Recorder):
+        return recorder
+    return Recorder(path=recorder)

@@ -101,21 +101,30 @@ def find_break_even(
     records: Iterable[Mapping],
     *,
     key: str = "breakeven/stability",
-    criterion: str = "full_batch",
+    criterion: str | None = None,
 ) -> int | None:
-    """First step whose record violates the condition, or None.
+    """The break-even step of a run's records, or None.
+
+    The one route to the break-even step: the first step whose record
+    violates the stability condition, or that a record names as
+    `breakeven_step` (the event `BreakEven` writes), whichever is first.
 
     Args:
         records: dicts with a "step" and `key` (e.g. read back with
             `tf_breakeven.recording.read_records`), in any order.
         key: the record key holding the stability ratio.
-        criterion: which condition the ratio came from.
+        criterion: which condition the ratios came from; None reads it
+            from each record's "config" (default "full_batch").
     """
-    steps = sorted(
-        int(r["step"])
-        for r in records
-        if key in r
-        and r[key] is not None
-        and is_unstable(criterion, float(r[key]))
-    )
-    return steps[0] if steps else None
+    steps = []
+    for record in records:
+        if record.get("breakeven_step") is not None:
+            steps.append(int(record["breakeven_step"]))
+        if key not in record or record[key] is None:
+            continue
+        used = criterion or (record.get("config") or {}).get(
+            "criterion", "full_batch"
+        )
+        if is_unstable(used, float(record[key])):
+            steps.append(int(record["step"]))
+    return min(steps) if steps else None

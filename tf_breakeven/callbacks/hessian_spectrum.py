@@ -1,0 +1,199 @@
+"""Top Hessian eigenvalues (and trace, smallest eigenvalue, density)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_breakeven import spectrum
+from tf_breakeven.callbacks.base import (
+    Measurement,
+    MeasurementCallback,
+    Probe,
+    Result,
+)
+from tf_breakeven.hessian import HessianOperator
+from tf_breakeven.validation import check_int
+
+
+class TopEigenpairs(Measurement):
+    """`hessian/lambda_1..k` by Lanczos, optionally warm-started.
+
+    Attributes:
+        operator: the `HessianOperator` on the probe (after `setup`).
+        top_eigenvector: the last measured top eigenvector, or None (also
+            after a non-finite measurement, so the next one starts fresh).
+        pairs: the last `spectrum.Eigenpairs`.
+    """
+
+    def __init__(
+        self,
+        k: int = 1,
+        *,
+        num_iterations: int | None = None,
+        warm_start: bool = True,
+        seed: int = 0,
+    ):
+        self.k = check_int("k", k, 1)
+        self.num_iterations = num_iterations
+        self.warm_start = warm_start
+        self.seed = seed
+        self.operator: HessianOperator | None = None
+        self.top_eigenvector: list[tf.Tensor] | None = None
+        self.pairs: spectrum.Eigenpairs | None = None
+
+    def keys(self) -> list[str]:
+        return [f"hessian/lambda_{i + 1}" for i in range(self.k)]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "num_iterations": self.num_iterations,
+            "warm_start": self.warm_start,
+            "num_examples": self.operator.num_examples
+            if self.operator
+            else None,
+        }
+
+    def setup(self, model: keras.Model, probe: Probe) -> None:
+        if self.operator is None or self.operator.function.model is not model:
+            self.operator = HessianOperator(
+                model,
+                probe.data,
+                loss=probe.loss,
+                training=probe.training,
+                jit_compile=probe.jit_compile,
+            )
+        if self.k > self.operator.dim:
+            raise ValueError(
+                f"k={self.k} exceeds the {self.operator.dim} parameters of "
+                "the model; pass a smaller k."
+            )
+
+    def compute(self, model: keras.Model, step: int) -> Result:
+        start = self.top_eigenvector if self.warm_start else None
+        pairs = spectrum.eigenpairs(
+            self.operator,
+            self.k,
+            num_iterations=self.num_iterations,
+            seed=self.seed,
+            start_vector=start,
+        )
+        finite = np.all(np.isfinite(pairs.eigenvalues))
+        self.top_eigenvector = pairs.eigenvectors[0] if finite else None
+        self.pairs = pairs
+        return Result(
+            {
+                f"hessian/lambda_{i + 1}": float(v)
+                for i, v in enumerate(pairs.eigenvalues)
+            }
+        )
+
+
+class HessianSpectrumMeasurement(TopEigenpairs):
+    """Top-k eigenvalues plus optional trace, smallest and density."""
+
+    def __init__(
+        self,
+        k: int = 1,
+        *,
+        trace: bool = False,
+        trace_samples: int = 30,
+        smallest: bool = False,
+        density: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(k, **kwargs)
+        self.trace = trace
+        self.trace_samples = trace_samples
+        self.smallest = smallest
+        self.density = density
+
+    def keys(self) -> list[str]:
+        keys = super().keys()
+        if self.trace:
+            keys.append("hessian/trace")
+        if self.smallest:
+            keys.append("hessian/lambda_min")
+        return keys
+
+    def compute(self, model: keras.Model, step: int) -> Result:
+        metrics = dict(super().compute(model, step).metrics)
+        curves = {}
+        if self.trace:
+            metrics["hessian/trace"] = spectrum.trace(
+                self.operator, num_samples=self.trace_samples, seed=self.seed
+            )
+        if self.smallest:
+            metrics["hessian/lambda_min"] = float(
+                spectrum.eigenpairs(
+                    self.operator, 1, which="smallest", seed=self.seed
+                ).eigenvalues[0]
+            )
+        if self.density:
+            curves["hessian/density"] = spectrum.spectral_density(
+                self.operator,
+                num_iterations=min(80, self.operator.dim),
+                seed=self.seed,
+                grid=200,
+            )
+        return Result(metrics, curves=curves)
+
+
+class HessianSpectrum(MeasurementCallback):
+    """Top-k Hessian eigenvalues on a probe set (Lanczos).
+
+    Logs `hessian/lambda_1` ... `hessian/lambda_k`, and optionally
+    `hessian/trace` (Hutch++), `hessian/lambda_min` (smallest eigenvalue)
+    and the spectral density (recorded as a curve).
+
+    Args:
+        data: probe set.
+        k: number of top eigenvalues.
+        num_iterations: Lanczos steps (None: `linalg.eigsh`'s default).
+        warm_start: start Lanczos from the previous top eigenvector; with
+            few `num_iterations` this is the cheap tracking mode.
+        trace: also estimate Tr(H) with `trace_samples` HVPs.
+        smallest: also compute the smallest eigenvalue.
+        density: also compute the SLQ spectral density.
+        seed: solver seed (the same for every measurement).
+        **kwargs: `schedule`, `recorder`, `loss`, `training`, `jit_compile`
+            (see `MeasurementCallback`).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        k: int = 1,
+        *,
+        num_iterations: int | None = None,
+        warm_start: bool = True,
+        trace: bool = False,
+        trace_samples: int = 30,
+        smallest: bool = False,
+        density: bool = False,
+        seed: int = 0,
+        **kwargs: Any,
+    ):
+        measurement = HessianSpectrumMeasurement(
+            k,
+            num_iterations=num_iterations,
+            warm_start=warm_start,
+            trace=trace,
+            trace_samples=trace_samples,
+            smallest=smallest,
+            density=density,
+            seed=seed,
+        )
+        super().__init__(measurement, data, **kwargs)
+
+    @property
+    def operator(self) -> HessianOperator | None:
+        return self.measurement.operator
+
+    @property
+    def top_eigenvector(self) -> list[tf.Tensor] | None:
+        return self.measurement.top_eigenvector
