@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from tf_breakeven.validation import check_int
+
 Matvec = Callable[[tf.Tensor], tf.Tensor]
 Seed = int | tf.Tensor
 
@@ -152,16 +154,6 @@ def as_flat_matvec(
         return flatten_tensors(list_matvec(unflatten_tensors(vector, shapes)))
 
     return matvec
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"`{name}` must be a Python int; got {type(value).__name__}."
-        )
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}; got {value}.")
-    return int(value)
 
 
 def _check_dtype(dtype: Any) -> tf.DType:
@@ -339,8 +331,8 @@ def lanczos(
         Lanczos (1950); Golub and Van Loan, Matrix Computations, 4th ed.,
         chapter 10 (full reorthogonalization).
     """
-    dim = _check_int("dim", dim, 1)
-    m = _check_int("num_iterations", num_iterations, 1)
+    dim = check_int("dim", dim, 1)
+    m = check_int("num_iterations", num_iterations, 1)
     if m > dim:
         raise ValueError(
             f"num_iterations={m} exceeds the operator dimension {dim}; "
@@ -404,8 +396,8 @@ def eigsh_config(
     Returns:
         The number of Lanczos steps, clipped to `dim`.
     """
-    dim = _check_int("dim", dim, 1)
-    k = _check_int("k", k, 1)
+    dim = check_int("dim", dim, 1)
+    k = check_int("k", k, 1)
     if k > dim:
         raise ValueError(
             f"k={k} exceeds the operator dimension {dim}; pass k <= dim."
@@ -416,7 +408,7 @@ def eigsh_config(
         )
     if num_iterations is None:
         return min(dim, max(2 * k + 20, 30))
-    num_iterations = _check_int("num_iterations", num_iterations, 1)
+    num_iterations = check_int("num_iterations", num_iterations, 1)
     if num_iterations < k:
         raise ValueError(
             f"num_iterations={num_iterations} is smaller than k={k}; pass "
@@ -502,8 +494,8 @@ def power_iteration(
         `EigenResult(eigenvalues [1], eigenvectors [1, dim])`: the Rayleigh
         quotient of the last iterate and that unit iterate.
     """
-    dim = _check_int("dim", dim, 1)
-    num_iterations = _check_int("num_iterations", num_iterations, 0)
+    dim = check_int("dim", dim, 1)
+    num_iterations = check_int("num_iterations", num_iterations, 0)
     dtype = _check_dtype(dtype)
     v = _unit_start(start_vector, dim, seed, 0, dtype)
 
@@ -568,8 +560,8 @@ def hutchinson_trace(
         Hutchinson, "A stochastic estimator of the trace of the influence
         matrix for Laplacian smoothing splines" (1989).
     """
-    dim = _check_int("dim", dim, 1)
-    num_samples = _check_int("num_samples", num_samples, 1)
+    dim = check_int("dim", dim, 1)
+    num_samples = check_int("num_samples", num_samples, 1)
     dtype = _check_dtype(dtype)
 
     def probe(i):
@@ -610,8 +602,8 @@ def hutchpp_trace(
         Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal Stochastic Trace
         Estimation", SOSA 2021.
     """
-    dim = _check_int("dim", dim, 1)
-    num_samples = _check_int("num_samples", num_samples, 3)
+    dim = check_int("dim", dim, 1)
+    num_samples = check_int("num_samples", num_samples, 3)
     dtype = _check_dtype(dtype)
     s = num_samples // 3
     num_probes = num_samples - 2 * s
@@ -675,9 +667,9 @@ def slq(
         Ghorbani, Krishnan and Xiao, "An Investigation into Neural Net
         Optimization via Hessian Eigenvalue Density", ICML 2019.
     """
-    dim = _check_int("dim", dim, 1)
-    num_runs = _check_int("num_runs", num_runs, 1)
-    m = min(_check_int("num_iterations", num_iterations, 1), dim)
+    dim = check_int("dim", dim, 1)
+    num_runs = check_int("num_runs", num_runs, 1)
+    m = min(check_int("num_iterations", num_iterations, 1), dim)
     dtype = _check_dtype(dtype)
 
     def run(r):
@@ -742,7 +734,7 @@ def spectral_density(
     if isinstance(grid, (int, np.integer)):
         grid, num_points = None, int(grid)
     if grid is None:
-        num_points = _check_int("num_points", num_points, 2)
+        num_points = check_int("num_points", num_points, 2)
         pad = _GRID_PAD_SIGMAS * sigma
         grid = np.linspace(low - pad, high + pad, num_points)
     grid = np.asarray(grid, np.float64)

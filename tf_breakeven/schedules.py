@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from tf_breakeven.validation import check_int
+
 
 class Schedule:
     """Base class: override `at_step` and/or `at_epoch_end`."""
@@ -45,18 +47,12 @@ class Schedule:
         return {"class": type(self).__name__}
 
 
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1; got {value!r}.")
-    return value
-
-
 class EveryNSteps(Schedule):
     """Every `n` global steps, starting after step `start` (default n)."""
 
     def __init__(self, n: int, start: int | None = None):
-        self.n = _positive_int("n", n)
-        self.start = self.n if start is None else _positive_int("start", start)
+        self.n = check_int("n", n)
+        self.start = self.n if start is None else check_int("start", start)
 
     def at_step(self, step: int) -> bool:
         return step >= self.start and (step - self.start) % self.n == 0
@@ -69,7 +65,7 @@ class EveryEpoch(Schedule):
     """At the end of every `every`-th epoch (and of epoch 0)."""
 
     def __init__(self, every: int = 1):
-        self.every = _positive_int("every", every)
+        self.every = check_int("every", every)
 
     def at_epoch_end(self, epoch: int) -> bool:
         return epoch % self.every == 0
@@ -82,7 +78,7 @@ class AtSteps(Schedule):
     """At an explicit list of global steps."""
 
     def __init__(self, steps: Iterable[int]):
-        self.steps = sorted({_positive_int("steps[i]", int(s)) for s in steps})
+        self.steps = sorted({check_int("steps[i]", int(s)) for s in steps})
         if not self.steps:
             raise ValueError("`steps` is empty; pass at least one step >= 1.")
         self._set = set(self.steps)
@@ -109,9 +105,9 @@ class LogSpaced(Schedule):
     def __init__(
         self, last: int | None = None, *, first: int = 1, per_decade: int = 10
     ):
-        self.first = _positive_int("first", first)
-        self.per_decade = _positive_int("per_decade", per_decade)
-        self.last = None if last is None else _positive_int("last", last)
+        self.first = check_int("first", first)
+        self.per_decade = check_int("per_decade", per_decade)
+        self.last = None if last is None else check_int("last", last)
         if self.last is not None and self.last < self.first:
             raise ValueError(
                 f"`last` ({self.last}) must be >= `first` ({self.first})."
