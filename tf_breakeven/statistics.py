@@ -71,7 +71,7 @@ import tensorflow as tf
 # Gram matrix at all.
 _SYMMETRY_RTOL = 1e-4
 # A sample gradient whose norm is at most this fraction of the largest sample
-# gradient norm counts as zero: its cosines are 0/0 (TRAPS.md item 20).
+# gradient norm counts as zero: its cosines are 0/0 (docs/pitfalls.md#P22).
 _ZERO_NORM_RTOL = 1e-12
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
