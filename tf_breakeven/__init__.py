@@ -24,6 +24,7 @@ from tf_breakeven import (
     spectrum,
     stability,
     statistics,
+    step_probes,
     training,
     validation,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "spectrum",
     "stability",
     "statistics",
+    "step_probes",
     "track",
     "training",
     "validation",

@@ -59,12 +59,13 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from tf_breakeven.validation import check_int
 
 # Largest |G - G^T| accepted, relative to max |G|: loose enough for a float32
 # Gram accumulated in chunks, tight enough to reject a matrix that is not a
@@ -449,11 +450,9 @@ def _check_arguments(
 
 
 def _check_positive_int(value: Any, name: str, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}; {hint}.")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}; {hint}.")
-    return int(value)
+    return check_int(
+        name, value, 1, hint=f"{hint[0].upper()}{hint[1:]}.", quote=False
+    )
 
 
 def _check_rtol(rtol: float) -> float:

@@ -22,18 +22,33 @@ def _suffix(hint: str) -> str:
 
 
 def check_int(
-    name: str, value: Any, minimum: int = 1, *, hint: str = ""
+    name: str,
+    value: Any,
+    minimum: int = 1,
+    *,
+    hint: str = "",
+    quote: bool = True,
 ) -> int:
-    """`value` as a Python int >= `minimum` (bools and floats refused)."""
+    """`value` as a Python int >= `minimum` (bools and floats refused).
+
+    Args:
+        name: the argument's name, quoted in the message (as `name`) unless
+            `quote=False`.
+        value: what the caller passed.
+        minimum: the smallest allowed value.
+        hint: a sentence appended to the message (how to fix the call).
+        quote: whether to put the name in backticks.
+    """
+    label = f"`{name}`" if quote else name
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentError(
-            f"`{name}` must be an int >= {minimum}; got {value!r} "
+            f"{label} must be an int >= {minimum}; got {value!r} "
             f"({type(value).__name__}). It must be a Python int (or a numpy "
             f"integer), not a float, bool or string.{_suffix(hint)}"
         )
     if value < minimum:
         raise ArgumentError(
-            f"`{name}` must be >= {minimum}; got {value}.{_suffix(hint)}"
+            f"{label} must be >= {minimum}; got {value}.{_suffix(hint)}"
         )
     return int(value)
 
