@@ -15,12 +15,17 @@ import keras
 import tensorflow as tf
 
 from tf_breakeven.functional import LossLike, ModelFunction, check_vector
-from tf_breakeven.operators import ProbeOperator, cached_kernel, loss_key
+from tf_breakeven.operators import (
+    Kernel,
+    ProbeOperator,
+    cached_kernel,
+    loss_key,
+)
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
-class CurvatureKernel:
+class CurvatureKernel(Kernel):
     """`tf.function`s of one model configuration (see `curvature_kernel`).
 
     Attributes:
@@ -31,15 +36,8 @@ class CurvatureKernel:
     """
 
     def __init__(self, function: ModelFunction, jit: bool):
-        self.function = function
-        self.losses = tf.function(self._losses)
+        super().__init__(function)
         self.curvature = tf.function(self._curvature, jit_compile=jit)
-
-    def _losses(self, x, y, sample_weight):
-        fn = self.function
-        return fn.per_example_losses(
-            fn.read_parameters(), fn.read_state(), x, y, sample_weight
-        )
 
     def _curvature(self, direction, x, y, sample_weight):
         fn = self.function

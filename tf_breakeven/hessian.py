@@ -40,7 +40,12 @@ from tf_breakeven.functional import (
     check_vector,
     dense,
 )
-from tf_breakeven.operators import ProbeOperator, cached_kernel, loss_key
+from tf_breakeven.operators import (
+    Kernel,
+    ProbeOperator,
+    cached_kernel,
+    loss_key,
+)
 from tf_breakeven.spectrum import Eigenpairs
 from tf_breakeven.validation import check_choice
 
@@ -50,7 +55,7 @@ HessianEigenpairs = Eigenpairs
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
-class HessianKernel:
+class HessianKernel(Kernel):
     """The per-batch Hessian functions of one model configuration.
 
     Shared by every operator on the same model and configuration
@@ -66,16 +71,9 @@ class HessianKernel:
     """
 
     def __init__(self, function: ModelFunction, method: str, jit: bool):
-        self.function = function
+        super().__init__(function)
         self.method = method
-        self.losses = tf.function(self._losses)
         self.hvp = tf.function(self.batch_hvp, jit_compile=jit)
-
-    def _losses(self, x, y, sample_weight):
-        fn = self.function
-        return fn.per_example_losses(
-            fn.read_parameters(), fn.read_state(), x, y, sample_weight
-        )
 
     def batch_hvp(self, vector, x, y, sample_weight):
         """H_sum v on one batch, untraced (call it inside a `tf.function`).

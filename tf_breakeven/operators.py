@@ -61,6 +61,27 @@ def kernels_of(model: keras.Model) -> dict:
     return dict(_KERNELS.get(model, {}))
 
 
+class Kernel:
+    """Base of the per-batch derivative functions of one configuration.
+
+    Attributes:
+        function: the model and loss as a pure function.
+        losses: `tf.function` `(x, y, sample_weight) -> per-example
+            losses` at the model's current variables (used to check that a
+            probe fits the model).
+    """
+
+    def __init__(self, function: ModelFunction):
+        self.function = function
+        self.losses = tf.function(self._losses)
+
+    def _losses(self, x, y, sample_weight):
+        fn = self.function
+        return fn.per_example_losses(
+            fn.read_parameters(), fn.read_state(), x, y, sample_weight
+        )
+
+
 def batch_signature(batch: Batch) -> tuple:
     """Shapes and dtypes of a batch: one trace per distinct signature."""
 

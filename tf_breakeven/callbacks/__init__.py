@@ -32,7 +32,7 @@ from tf_breakeven.callbacks.break_even import (
 )
 from tf_breakeven.callbacks.gradient_confusion import GradientConfusion
 from tf_breakeven.callbacks.gradient_covariance import GradientCovariance
-from tf_breakeven.callbacks.gradient_noise import GramMeasurement
+from tf_breakeven.callbacks.gradient_noise import GramCallback, GramMeasurement
 from tf_breakeven.callbacks.hessian_spectrum import (
     HessianSpectrum,
     HessianSpectrumMeasurement,
@@ -43,6 +43,7 @@ __all__ = [
     "BreakEven",
     "GradientConfusion",
     "GradientCovariance",
+    "GramCallback",
     "GramMeasurement",
     "HessianSpectrum",
     "HessianSpectrumMeasurement",

@@ -16,7 +16,12 @@ import numpy as np
 import tensorflow as tf
 
 from tf_breakeven import gradients, statistics
-from tf_breakeven.callbacks.base import Measurement, Probe, Result
+from tf_breakeven.callbacks.base import (
+    Measurement,
+    MeasurementCallback,
+    Probe,
+    Result,
+)
 from tf_breakeven.validation import check_int
 
 
@@ -94,3 +99,40 @@ class GramMeasurement(Measurement):
             self.last_cosines = statistics.pairwise_cosines(gram)
             histograms["confusion/cosines"] = self.last_cosines
         return Result({key: stats[key] for key in self._keys}, histograms)
+
+
+class GramCallback(MeasurementCallback):
+    """A callback of Gram statistics: the keys under `prefixes`.
+
+    Subclasses set `prefixes` (and `cosines` to record the pairwise cosine
+    histogram) and document their keys.
+
+    Args:
+        data: probe set.
+        microbatch_size: M, examples per sample gradient.
+        k: top-k directions of `grad_cov/norm_ratio_top_k`.
+        memory_budget: bytes for the sample-gradient rows held at once.
+        **kwargs: `schedule`, `recorder`, `loss`, `training`, `jit_compile`
+            (see `MeasurementCallback`).
+    """
+
+    prefixes: tuple[str, ...] = ()
+    cosines_histogram: bool = False
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        microbatch_size: int = 1,
+        k: int = 5,
+        memory_budget: int = gradients.DEFAULT_MEMORY_BUDGET,
+        **kwargs: Any,
+    ):
+        measurement = GramMeasurement(
+            self.prefixes,
+            microbatch_size=microbatch_size,
+            k=k,
+            memory_budget=memory_budget,
+            cosines=self.cosines_histogram,
+        )
+        super().__init__(measurement, data, **kwargs)
