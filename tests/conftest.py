@@ -3,7 +3,8 @@
 References here never go through tf_breakeven: the full Hessian comes from
 `tape.jacobian` of a plain first-order gradient, finite differences use the
 plain gradient of a float64 model (first derivatives are exact through
-normalization layers; only second-order autodiff is affected, TRAPS.md 1),
+normalization layers; only second-order autodiff is affected,
+docs/pitfalls.md#P1),
 and per-example gradients come from a Python loop.
 """
 

@@ -85,7 +85,7 @@ def test_hvp_matches_float64_finite_differences(name, training, rng):
 def test_stock_moments_are_still_wrong_so_the_workaround_is_needed(
     monkeypatch, rng
 ):
-    """Canary for docs/pitfalls.md P1: fails once TF gets moments right.
+    """Canary for docs/pitfalls.md#P1: fails once TF gets moments right.
 
     If this fails after an upgrade, `functional.exact_moments` may be
     removable; `test_hvp_matches_float64_finite_differences` keeps checking

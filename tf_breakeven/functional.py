@@ -23,7 +23,7 @@ Two conventions hold everywhere in the library:
 
 Second derivatives through normalization layers: TensorFlow's
 `tf.nn.moments` computes the variance around `stop_gradient(mean)`, which is
-exact to first order but drops a second-order term (docs/pitfalls.md P1:
+exact to first order but drops a second-order term (docs/pitfalls.md#P1:
 41-71% HVP error on a ResNet with BatchNormalization). Every function traced
 here runs
 under `exact_moments()`, which swaps the moments used by Keras'
@@ -107,7 +107,7 @@ def pfor_safe_einsum() -> contextlib.AbstractContextManager:
     Keras' TensorFlow backend lowers common einsum patterns to `tf.matmul`;
     inside `tf.vectorized_map` with oneDNN on (the default on x86 CPUs)
     those matmuls corrupt the heap (`free(): invalid next size`;
-    docs/pitfalls.md P12, reproduced on a one-layer keras-hub BERT). A plain
+    docs/pitfalls.md#P12, reproduced on a one-layer keras-hub BERT). A plain
     `tf.einsum` computes the same product and vectorizes cleanly, so per-sample
     gradients work without the user setting `TF_ENABLE_ONEDNN_OPTS=0`.
     """

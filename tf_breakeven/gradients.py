@@ -7,17 +7,17 @@ that micro-batch, run through the model *as its own batch*:
 `(1/M) sum_{j in i} w_j l_j (+ regularization)`. So with
 BatchNormalization in training mode, g_i uses the micro-batch's own
 statistics (what SGD with batch size M would see), and M = 1 is refused in
-that case: a single example has no batch statistics (docs/pitfalls.md P13). With
+that case: a single example has no batch statistics (docs/pitfalls.md#P13). With
 M = 1 and `training=False`, g_i is the exact per-example gradient and the
 mean of the g_i is the full-batch gradient.
 
 Sample gradients are computed with `tf.vectorized_map` inside a
-`tf.function` (pfor; docs/pitfalls.md P9: 1.1-5.6x one batch gradient,
+`tf.function` (pfor; docs/pitfalls.md#P9: 1.1-5.6x one batch gradient,
 against B^2 growth for `tape.jacobian`), with `fallback_to_while_loop=False`
 so an op pfor cannot vectorize raises instead of silently looping.
 
 Models with a Keras RNN layer running a `tf.while_loop` (`unroll=False`)
-cannot go through pfor (docs/pitfalls.md P11). For those the sample gradients
+cannot go through pfor (docs/pitfalls.md#P11). For those the sample gradients
 are computed by a `tf.map_fn` loop over samples inside the same `tf.function`
 (exact, but several times slower); build the RNN with `unroll=True` to get
 the vectorized path.
@@ -59,7 +59,7 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 class _DropConvFilterWarning(logging_lib.Filter):
     # pfor's Conv2DBackpropFilter converter loops internally and says so on
-    # every trace; it is not a fallback (docs/pitfalls.md P10: it works with
+    # every trace; it is not a fallback (docs/pitfalls.md#P10: it works with
     # fallback_to_while_loop=False), so the warning only misleads.
     def filter(self, record: logging_lib.LogRecord) -> bool:
         return "Conv2DBackpropFilter uses a while_loop" not in str(record.msg)

@@ -14,12 +14,12 @@ How the Hessian-vector product is computed (`method`):
 * `"backward_over_backward"`: the gradient of `<grad, v>`. Used
   automatically (`method="auto"`) when a Keras RNN layer (LSTM, GRU, ...)
   runs with `unroll=False`: forward mode through the backward pass of a
-  `tf.while_loop` fails in TF 2.21 (docs/pitfalls.md P6), double backward
+  `tf.while_loop` fails in TF 2.21 (docs/pitfalls.md#P6), double backward
   does not.
 
 Both are exact through normalization layers because the model function
 runs under `functional.exact_moments()`. Embedding gradients and their
-tangents arrive as `IndexedSlices` and are densified (docs/pitfalls.md P3).
+tangents arrive as `IndexedSlices` and are densified (docs/pitfalls.md#P3).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class HessianOperator(ProbeOperator):
         method: "auto", "forward_over_backward" or "backward_over_backward"
             (see the module docstring).
         jit_compile: compile the per-batch functions and solvers with XLA
-            (needed on TPUs; slower on CPU, docs/pitfalls.md P7).
+            (needed on TPUs; slower on CPU, docs/pitfalls.md#P7).
 
     Raises:
         ValueError: no loss, empty or malformed data, data that does not fit

@@ -17,7 +17,6 @@ from tf_breakeven.callbacks import (
     GradientConfusion,
     GradientCovariance,
     HessianSpectrum,
-    _as_recorder,
 )
 
 
@@ -110,12 +109,17 @@ def economy_break_even(probe: Any, **kwargs: Any) -> BreakEven:
 
 def preset(
     name: str,
-    train_data: Any,
+    train_data: Any = None,
     *,
+    probe: tf.data.Dataset | None = None,
     recorder: recording.Recorder | str | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     dataset_size: int | None = None,
+    k: int = 1,
+    microbatch_size: int | None = None,
+    schedule: Any = None,
+    jit_compile: bool = False,
 ) -> list[keras.callbacks.Callback]:
     """A sensible set of callbacks for a cost budget, in one line.
 
@@ -131,21 +135,45 @@ def preset(
     * "full": "paper" plus top-5 eigenvalues, trace, smallest eigenvalue
       and spectral density, each epoch and at log-spaced steps.
 
+    This is the one place where the measurement callbacks are composed;
+    the launcher (`tf_breakeven.launch`) calls it with its flags.
+
     Args:
         name: one of `PRESETS`.
         train_data: the training data (arrays or dataset), from which the
-            probe set is drawn with `seed`.
+            probe set is drawn with `seed` (64 examples for "economy", 5%
+            for the others).
+        probe: instead of `train_data`, an already drawn probe dataset of
+            batches: "economy" measures its first 64 examples, the others
+            all of it.
         recorder: shared `Recorder` or JSONL path.
         seed: probe draw and solver seed.
         batch_size, dataset_size: S and N; when both are given, `BreakEven`
             uses the SGD criterion (eq. 1), else the full-batch one.
+        k: top Hessian eigenvalues of "paper" / "full"'s `BreakEven`
+            ("full"'s `HessianSpectrum` tracks max(5, k)); "economy" tracks
+            one.
+        microbatch_size: M of the Gram callbacks (None: min(128, probe
+            size / 8)); the probe is cut to a multiple of M and must hold
+            two micro-batches. Unused by "economy".
+        schedule: when to measure (None: the preset's own, above).
+        jit_compile: compile the measurements with XLA.
 
     Returns:
         A list of callbacks for `model.fit(..., callbacks=...)`.
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose from {PRESETS}.")
-    recorder = _as_recorder(recorder)
+    if (train_data is None) == (probe is None):
+        raise ValueError(
+            "Pass either `train_data` (the probe set is drawn from it) or an "
+            "already drawn `probe`, not both."
+        )
+    common = {
+        "recorder": recording.as_recorder(recorder),
+        "seed": seed,
+        "jit_compile": jit_compile,
+    }
     criterion = {}
     if batch_size is not None and dataset_size is not None:
         criterion = {
@@ -153,44 +181,72 @@ def preset(
             "batch_size": batch_size,
             "dataset_size": dataset_size,
         }
-    common = {"recorder": recorder, "seed": seed}
     if name == "economy":
-        probe = make_probe(
-            train_data, _at_most(train_data, ECONOMY_PROBE_SIZE), seed=seed
+        return [_economy(train_data, probe, schedule, criterion, common)]
+    if probe is None:
+        probe = make_probe(train_data, 0.05, seed=seed)
+    if schedule is None:
+        schedule = (
+            "epoch"
+            if name == "paper"
+            else (schedules.EveryEpoch() | schedules.LogSpaced(per_decade=3))
         )
-        return [economy_break_even(probe, **criterion, **common)]
-    probe = make_probe(train_data, 0.05, seed=seed)
-    size = sum(int(tf.shape(b[1])[0]) for b in probe)
-    micro = min(128, max(1, size // 8))
-    usable = size - size % micro
-    if usable != size:
-        probe = probe.unbatch().take(usable).batch(128).cache()
-    schedule = (
-        "epoch"
-        if name == "paper"
-        else (schedules.EveryEpoch() | schedules.LogSpaced(per_decade=3))
-    )
+    probe, micro = _microbatched(probe, microbatch_size)
+    return _paper(probe, name == "full", k, micro, schedule, criterion, common)
+
+
+def _economy(
+    train_data: Any,
+    probe: tf.data.Dataset | None,
+    schedule: Any,
+    criterion: dict,
+    common: dict,
+) -> BreakEven:
+    if probe is None:
+        probe = make_probe(
+            train_data,
+            _at_most(train_data, ECONOMY_PROBE_SIZE),
+            seed=common["seed"],
+        )
+    else:
+        probe = probe.unbatch().take(ECONOMY_PROBE_SIZE).batch(128)
+    extra = {} if schedule is None else {"schedule": schedule}
+    return economy_break_even(probe, **criterion, **common, **extra)
+
+
+def _paper(
+    probe: tf.data.Dataset,
+    full: bool,
+    k: int,
+    microbatch_size: int,
+    schedule: Any,
+    criterion: dict,
+    common: dict,
+) -> list[keras.callbacks.Callback]:
+    """The "paper" callbacks (and "full"'s `HessianSpectrum`) on `probe`."""
+    gram = {
+        "microbatch_size": microbatch_size,
+        "schedule": schedule,
+        "recorder": common["recorder"],
+        "jit_compile": common["jit_compile"],
+    }
     callbacks = [
         BreakEven(
             probe,
-            k=1,
+            k=k,
             num_iterations=20,
             schedule=schedule,
             **criterion,
             **common,
         ),
-        GradientCovariance(
-            probe, microbatch_size=micro, schedule=schedule, recorder=recorder
-        ),
-        GradientConfusion(
-            probe, microbatch_size=micro, schedule=schedule, recorder=recorder
-        ),
+        GradientCovariance(probe, **gram),
+        GradientConfusion(probe, **gram),
     ]
-    if name == "full":
+    if full:
         callbacks.append(
             HessianSpectrum(
                 probe,
-                k=5,
+                k=max(5, k),
                 trace=True,
                 smallest=True,
                 density=True,
@@ -199,6 +255,24 @@ def preset(
             )
         )
     return callbacks
+
+
+def _microbatched(
+    probe: tf.data.Dataset, microbatch_size: int | None
+) -> tuple[tf.data.Dataset, int]:
+    """The probe cut to a multiple of M, and M (default min(128, N / 8))."""
+    size = sum(int(tf.shape(b[1])[0]) for b in probe)
+    micro = microbatch_size or min(128, max(1, size // 8))
+    usable = size - size % micro
+    if usable < 2 * micro:
+        raise ValueError(
+            f"The probe set has {size} examples: too few for two "
+            f"micro-batches of {micro}; use a larger probe set (the "
+            "launcher's --probe_fraction) or a smaller `microbatch_size`."
+        )
+    if usable != size:
+        probe = probe.unbatch().take(usable).batch(128).cache()
+    return probe, micro
 
 
 def _at_most(data: Any, size: int) -> int:

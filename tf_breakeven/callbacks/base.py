@@ -198,7 +198,7 @@ class MeasurementCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         # The step is read here, not in on_train_begin: BackupAndRestore
         # restores the optimizer in its own on_train_begin, which may run
-        # after ours (docs/pitfalls.md P18).
+        # after ours (docs/pitfalls.md#P18).
         self._epoch = epoch
         optimizer = getattr(self.model, "optimizer", None)
         self.step = (
