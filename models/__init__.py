@@ -1,6 +1,6 @@
 """Model zoo of the two papers, behind one registry.
 
-    >>> import models
+    >>> from tf_breakeven import models
     >>> models.available()
     ['bert', 'densenet121', 'densenet_bc', 'lstm', 'mlp', 'resnet32', ...]
     >>> model = models.get_model("resnet32", num_classes=10)
@@ -9,7 +9,7 @@
 `get_model` returns an uncompiled Keras model whose output is logits (use
 a loss with `from_logits=True`). Every model but `bert` is a functional
 `ZooModel` whose `get_config()` is its builder arguments, so it saves,
-loads and rebuilds from its config (see `models._base`); `bert` is a
+loads and rebuilds from its config (see `tf_breakeven.models.base`); `bert` is a
 keras-hub `BertTextClassifier`, which does the same in keras-hub's way.
 `tiny=True` starts from a configuration of a few hundred to a few thousand
 parameters on tiny inputs (`tiny_config(name)`); explicit keyword arguments
@@ -37,14 +37,14 @@ from typing import Any, NamedTuple
 
 import keras
 
-from models._base import ZooModel
-from models.bert import BERT_CONFIGS, bert_classifier
-from models.densenet import DenseNet, densenet_bc
-from models.lstm import LSTMClassifier
-from models.mlp import MLP
-from models.resnet import CifarResNet, ZeroPadShortcut
-from models.simple_cnn import SimpleCNN
-from models.wide_resnet import WideResNet
+from .base import ZooModel
+from .bert import BERT_CONFIGS, bert_classifier
+from .densenet import DenseNet, densenet_bc
+from .lstm import LSTMClassifier
+from .mlp import MLP
+from .resnet import CifarResNet, ZeroPadShortcut
+from .simple_cnn import SimpleCNN
+from .wide_resnet import WideResNet
 
 __all__ = [
     "BERT_CONFIGS",

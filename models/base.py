@@ -19,11 +19,22 @@ Layers take their dtype from the global policy
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import keras
+
+from tf_breakeven.validation import ArgumentError, check_fraction, check_int
+
+__all__ = [
+    "PACKAGE",
+    "ArgumentError",
+    "ZooModel",
+    "check_int",
+    "check_ints",
+    "check_rate",
+    "check_shape",
+]
 
 PACKAGE = "tf_breakeven"
 
@@ -59,26 +70,9 @@ class ZooModel(keras.Model):
         return cls(**config)
 
 
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """Returns `value` as an int >= `minimum`, else raises ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"`{name}` must be an int >= {minimum}; got {value!r}."
-        )
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}; got {value}.")
-    return int(value)
-
-
 def check_rate(name: str, value: Any) -> float:
     """Returns a dropout rate in [0, 1), else raises ValueError."""
-    try:
-        rate = float(value)
-    except (TypeError, ValueError):
-        rate = -1.0
-    if isinstance(value, bool) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"`{name}` must be a float in [0, 1); got {value!r}.")
-    return rate
+    return check_fraction(name, value, low_open=False, high_open=True)
 
 
 def check_shape(
@@ -86,13 +80,13 @@ def check_shape(
 ) -> tuple[int, ...]:
     """Returns a static shape tuple (without batch axis), else ValueError."""
     if isinstance(value, (int, str)) or not isinstance(value, Sequence):
-        raise ValueError(
+        raise ArgumentError(
             f"`{name}` must be a tuple of ints without the batch axis, e.g. "
             f"(32, 32, 3); got {value!r}."
         )
     shape = tuple(check_int(f"{name}[{i}]", d) for i, d in enumerate(value))
     if rank is not None and len(shape) != rank:
-        raise ValueError(
+        raise ArgumentError(
             f"`{name}` must have {rank} entries (no batch axis); got {value!r}."
         )
     return shape
@@ -101,7 +95,7 @@ def check_shape(
 def check_ints(name: str, value: Any) -> tuple[int, ...]:
     """Returns a non-empty tuple of positive ints, else ValueError."""
     if isinstance(value, (int, str)) or not isinstance(value, Sequence):
-        raise ValueError(f"`{name}` must be a tuple of ints; got {value!r}.")
+        raise ArgumentError(f"`{name}` must be a tuple of ints; got {value!r}.")
     if not value:
-        raise ValueError(f"`{name}` must not be empty.")
+        raise ArgumentError(f"`{name}` must not be empty.")
     return tuple(check_int(f"{name}[{i}]", v) for i, v in enumerate(value))

@@ -8,7 +8,7 @@ from typing import Any
 import keras_hub
 from absl import logging
 
-from models._base import check_int, check_rate
+from .base import check_int, check_rate
 
 # Devlin et al. 2019 (base, large) and Turc et al. 2019 (the small BERTs);
 # all with the 30,522-token uncased WordPiece vocabulary and 512 positions.
@@ -99,26 +99,10 @@ def bert_classifier(
     }
     given = {k: v for k, v in architecture.items() if v is not None}
     extra = {"name": name} if name is not None else {}
-    if dtype is not None:
-        extra["dtype"] = dtype
     if preset is not None:
-        if given:
-            raise ValueError(
-                "Pass either `preset` or architecture arguments, not both; "
-                f"got preset={preset!r} and {sorted(given)}. A preset fixes "
-                "the architecture."
-            )
-        if not os.path.isdir(preset):
-            logging.info(
-                "tf_breakeven: %r is not a local directory; keras-hub will "
-                "try to download the preset.",
-                preset,
-            )
-        if num_classes is not None:
-            extra["num_classes"] = check_int("num_classes", num_classes)
-        return keras_hub.models.BertTextClassifier.from_preset(
-            preset, preprocessor=None, dropout=dropout, **extra
-        )
+        if dtype is not None:
+            extra["dtype"] = dtype
+        return _from_preset(preset, num_classes, dropout, given, extra)
     if config not in BERT_CONFIGS:
         raise ValueError(
             f"unknown BERT config {config!r}; available: "
@@ -142,7 +126,6 @@ def bert_classifier(
     backbone = keras_hub.models.BertBackbone(
         **sizes, dropout=dropout, dtype=dtype
     )
-    extra.pop("dtype", None)
     return keras_hub.models.BertTextClassifier(
         backbone=backbone,
         num_classes=check_int("num_classes", num_classes),
@@ -150,4 +133,31 @@ def bert_classifier(
         dropout=dropout,
         dtype=dtype,
         **extra,
+    )
+
+
+def _from_preset(
+    preset: str,
+    num_classes: int | None,
+    dropout: float,
+    given: dict,
+    extra: dict,
+) -> keras_hub.models.BertTextClassifier:
+    """`bert_classifier` from a keras-hub preset (see its docstring)."""
+    if given:
+        raise ValueError(
+            "Pass either `preset` or architecture arguments, not both; "
+            f"got preset={preset!r} and {sorted(given)}. A preset fixes "
+            "the architecture."
+        )
+    if not os.path.isdir(preset):
+        logging.info(
+            "tf_breakeven: %r is not a local directory; keras-hub will "
+            "try to download the preset.",
+            preset,
+        )
+    if num_classes is not None:
+        extra["num_classes"] = check_int("num_classes", num_classes)
+    return keras_hub.models.BertTextClassifier.from_preset(
+        preset, preprocessor=None, dropout=dropout, **extra
     )

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 import keras
 
-from models._base import (
+from tf_breakeven.validation import check_choice, check_fraction
+
+from .base import (
     PACKAGE,
     ZooModel,
     check_int,
@@ -83,18 +85,13 @@ class DenseNet(ZooModel):
         name: str | None = None,
         **kwargs,
     ):
-        if stem not in STEMS:
-            raise ValueError(f"`stem` must be one of {STEMS}; got {stem!r}.")
-        if not 0.0 < float(compression) <= 1.0:
-            raise ValueError(
-                f"`compression` must be in (0, 1]; got {compression!r}."
-            )
+        check_choice("stem", stem, STEMS)
         config = {
             "num_classes": check_int("num_classes", num_classes),
             "input_shape": check_shape("input_shape", input_shape, rank=3),
             "blocks": check_ints("blocks", blocks),
             "growth_rate": check_int("growth_rate", growth_rate),
-            "compression": float(compression),
+            "compression": check_fraction("compression", compression),
             "bottleneck": bool(bottleneck),
             "stem": stem,
             "init_filters": (

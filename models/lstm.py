@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from models._base import PACKAGE, ZooModel, check_int, check_rate
+from .base import PACKAGE, ZooModel, check_int, check_rate
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import keras
 
-from models._base import PACKAGE, ZooModel, check_int, check_shape
+from tf_breakeven.validation import ArgumentError, check_positive
+
+from .base import PACKAGE, ZooModel, check_int, check_shape
 
 INITS = ("gaussian", "he", "glorot", "orthogonal")
 
@@ -39,6 +40,23 @@ def kernel_initializer(init: str, scale: float = 1.0):
     if init == "orthogonal":
         return keras.initializers.Orthogonal(gain=scale)
     raise ValueError(f"`init` must be one of {INITS}; got {init!r}.")
+
+
+def check_activation(activation: str) -> str:
+    """Returns `activation` if it is a Keras activation name, else raises."""
+    if not isinstance(activation, str):
+        raise ArgumentError(
+            "`activation` must be a Keras activation name (it is stored "
+            f"in the config), e.g. 'relu' or 'linear'; got {activation!r}."
+        )
+    try:
+        keras.activations.get(activation)
+    except (ValueError, TypeError) as error:
+        raise ArgumentError(
+            "`activation` must be a Keras activation name such as "
+            f"'relu', 'tanh' or 'linear'; got {activation!r}."
+        ) from error
+    return activation
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -96,21 +114,8 @@ class MLP(ZooModel):
         name: str = "mlp",
         **kwargs,
     ):
-        if not isinstance(activation, str):
-            raise ValueError(
-                "`activation` must be a Keras activation name (it is stored "
-                f"in the config), e.g. 'relu' or 'linear'; got {activation!r}."
-            )
-        try:
-            keras.activations.get(activation)
-        except (ValueError, TypeError) as error:
-            raise ValueError(
-                "`activation` must be a Keras activation name such as "
-                f"'relu', 'tanh' or 'linear'; got {activation!r}."
-            ) from error
+        check_activation(activation)
         kernel_initializer(init)  # validates `init`
-        if not math.isfinite(init_scale) or init_scale <= 0:
-            raise ValueError(f"`init_scale` must be > 0; got {init_scale!r}.")
         config = {
             "num_classes": check_int("num_classes", num_classes),
             "input_shape": check_shape("input_shape", input_shape),
@@ -118,7 +123,7 @@ class MLP(ZooModel):
             "depth": check_int("depth", depth),
             "activation": activation,
             "init": init,
-            "init_scale": float(init_scale),
+            "init_scale": check_positive("init_scale", init_scale),
             "use_bias": bool(use_bias),
             "batch_norm": bool(batch_norm),
             "skip_connections": bool(skip_connections),

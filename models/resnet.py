@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import keras
 
-from models._base import PACKAGE, ZooModel, check_int, check_shape
+from .base import PACKAGE, ZooModel, check_int, check_shape
 
 # PyTorch / Torch defaults of the original CIFAR ResNet implementations
 # (Keras' defaults are momentum 0.99, epsilon 1e-3).

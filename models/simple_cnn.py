@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import keras
 
-from models._base import (
+from .base import (
     PACKAGE,
     ZooModel,
     check_int,

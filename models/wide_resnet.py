@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import keras
 
-from models._base import PACKAGE, ZooModel, check_int, check_rate, check_shape
-from models.resnet import batch_norm
+from .base import PACKAGE, ZooModel, check_int, check_rate, check_shape
+from .resnet import batch_norm
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

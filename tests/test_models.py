@@ -28,8 +28,8 @@ from conftest import (
     unflat,
 )
 
-import models
 import tf_breakeven as tfb
+from tf_breakeven import models
 
 # id -> (registry name, overrides of the tiny configuration)
 CASES = {
@@ -246,7 +246,8 @@ def test_config_and_save_load_round_trip(case, tmp_path):
             v.shape for v in model.weights
         ]
     # clone_model keeps the layers; Keras returns a plain functional model
-    # for functional subclasses with their own __init__ (models._base).
+    # for functional subclasses with their own __init__
+    # (tf_breakeven.models.base).
     clone = keras.models.clone_model(model)
     assert [v.shape for v in clone.weights] == [v.shape for v in model.weights]
 
