@@ -1,6 +1,6 @@
 """Datasets of the two papers as deterministic tf.data pipelines.
 
-    >>> from launch import data
+    >>> from tf_breakeven.launch import data
     >>> spec = data.load("cifar10", batch_size=128, seed=0, augment=True)
     >>> model.fit(spec.train, epochs=..., validation_data=spec.test)
     >>> tfb.HessianOperator(model, spec.probe)
@@ -224,14 +224,7 @@ def load(
             sizes, or a dataset that is not on disk (with how to get it).
     """
     _check_arguments(name, locals())  # every argument, by name
-    if name == "digits":
-        source = _digits(image_size)
-    elif name in IMAGE_DATASETS:
-        source = _tfds_images(name, data_dir, image_size)
-    elif name == "imdb_reviews":
-        source = _imdb(data_dir)
-    else:
-        source = _mnli(data_dir)
+    source = _source(name, data_dir, image_size)
     train, test = source.train, source.test
     if max_examples is not None:
         train, test = train.take(max_examples), test.take(max_examples)
@@ -245,57 +238,12 @@ def load(
     if shuffle_buffer is None:
         large = name == "imagenet2012"
         shuffle_buffer = IMAGENET_SHUFFLE_BUFFER if large else num_train
-    shuffled = train.shuffle(
-        shuffle_buffer, seed=seed, reshuffle_each_iteration=True
+    shuffled, train_fn = _reshuffled(
+        train, source, shuffle_buffer, seed, augment
     )
-    train_fn = source.element_fn
-    if augment:
-        keys = tf.data.Dataset.random(
-            seed=seed, rerandomize_each_iteration=True
-        )
-        shuffled = tf.data.Dataset.zip((shuffled, keys)).map(
-            lambda example, key: (*example, key)
-        )
-        train_fn = source.augment_fn
-
-    def epoch_batches(epoch):
-        epoch_seed = seed * 1_000_003 + epoch
-        examples = train.shuffle(
-            shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False
-        )
-        element_fn = source.element_fn
-        if augment:
-            keys = tf.data.Dataset.random(seed=epoch_seed)
-            examples = tf.data.Dataset.zip((examples, keys)).map(
-                lambda example, key: (*example, key)
-            )
-            element_fn = source.augment_fn
-        examples = examples.map(element_fn, num_parallel_calls=AUTOTUNE)
-        batches = examples.batch(batch_size, drop_remainder=True)
-        if batch_fn is not None:
-            batches = batches.map(batch_fn, num_parallel_calls=AUTOTUNE)
-        return batches
-
-    def train_epochs(start_epoch: int, end_epoch: int) -> tf.data.Dataset:
-        # tf.data takes shuffle seeds as Python ints, so epochs are built
-        # one by one and concatenated as a balanced tree (shallow graph).
-        parts = [epoch_batches(e) for e in range(start_epoch, end_epoch)]
-        if not parts:
-            raise ValueError(
-                f"No epochs in [{start_epoch}, {end_epoch}); pass "
-                "end_epoch > start_epoch."
-            )
-        while len(parts) > 1:
-            parts = [
-                parts[i].concatenate(parts[i + 1])
-                if i + 1 < len(parts)
-                else parts[i]
-                for i in range(0, len(parts), 2)
-            ]
-        options = tf.data.Options()
-        options.deterministic = True
-        return parts[0].prefetch(AUTOTUNE).with_options(options)
-
+    train_epochs = _EpochStream(
+        train, source, seed, shuffle_buffer, augment, batch_size, batch_fn
+    )
     probe = _probe_examples(train, num_train, num_probe, seed)
     return DataSpec(
         name=name,
@@ -315,6 +263,85 @@ def load(
         train_epochs=train_epochs,
         **extra,
     )
+
+
+def _source(name: str, data_dir: str | None, image_size) -> _Source:
+    if name == "digits":
+        return _digits(image_size)
+    if name in IMAGE_DATASETS:
+        return _tfds_images(name, data_dir, image_size)
+    if name == "imdb_reviews":
+        return _imdb(data_dir)
+    return _mnli(data_dir)
+
+
+def _reshuffled(train, source, shuffle_buffer, seed, augment):
+    """`DataSpec.train`'s examples (reshuffled, augmentation keys) and the
+    per-example function to map over them."""
+    shuffled = train.shuffle(
+        shuffle_buffer, seed=seed, reshuffle_each_iteration=True
+    )
+    if not augment:
+        return shuffled, source.element_fn
+    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    shuffled = tf.data.Dataset.zip((shuffled, keys)).map(
+        lambda example, key: (*example, key)
+    )
+    return shuffled, source.augment_fn
+
+
+@dataclasses.dataclass
+class _EpochStream:
+    """`DataSpec.train_epochs`: epochs [start, end) of seeded batches."""
+
+    train: tf.data.Dataset
+    source: Any  # _Source
+    seed: int
+    shuffle_buffer: int
+    augment: bool
+    batch_size: int
+    batch_fn: Callable | None
+
+    def epoch_batches(self, epoch: int) -> tf.data.Dataset:
+        """One epoch's full batches, a function of `(seed, epoch)` only."""
+        epoch_seed = self.seed * 1_000_003 + epoch
+        examples = self.train.shuffle(
+            self.shuffle_buffer,
+            seed=epoch_seed,
+            reshuffle_each_iteration=False,
+        )
+        element_fn = self.source.element_fn
+        if self.augment:
+            keys = tf.data.Dataset.random(seed=epoch_seed)
+            examples = tf.data.Dataset.zip((examples, keys)).map(
+                lambda example, key: (*example, key)
+            )
+            element_fn = self.source.augment_fn
+        examples = examples.map(element_fn, num_parallel_calls=AUTOTUNE)
+        batches = examples.batch(self.batch_size, drop_remainder=True)
+        if self.batch_fn is not None:
+            batches = batches.map(self.batch_fn, num_parallel_calls=AUTOTUNE)
+        return batches
+
+    def __call__(self, start_epoch: int, end_epoch: int) -> tf.data.Dataset:
+        # tf.data takes shuffle seeds as Python ints, so epochs are built
+        # one by one and concatenated as a balanced tree (shallow graph).
+        parts = [self.epoch_batches(e) for e in range(start_epoch, end_epoch)]
+        if not parts:
+            raise ValueError(
+                f"No epochs in [{start_epoch}, {end_epoch}); pass "
+                "end_epoch > start_epoch."
+            )
+        while len(parts) > 1:
+            parts = [
+                parts[i].concatenate(parts[i + 1])
+                if i + 1 < len(parts)
+                else parts[i]
+                for i in range(0, len(parts), 2)
+            ]
+        options = tf.data.Options()
+        options.deterministic = True
+        return parts[0].prefetch(AUTOTUNE).with_options(options)
 
 
 def _probe_examples(train, num_train, num_probe, seed) -> tf.data.Dataset:

@@ -2,7 +2,7 @@
 
 Builds the dataset, the zoo model and the optimizer under the chosen
 strategy, adds the tracking callbacks, trains (Keras `fit`, or the custom
-loop of `launch.loop` for multi-worker), and leaves in the workdir:
+loop of `tf_breakeven.launch.loop` for multi-worker), and leaves in the workdir:
 
     config.json        the configuration
     records.jsonl      one line per measurement (chief only)
@@ -17,6 +17,7 @@ loop of `launch.loop` for multi-worker), and leaves in the workdir:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,12 +28,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-import models
 import tf_breakeven as tfb
-from launch import config as config_lib
-from launch import data as data_lib
-from launch import distribute_utils
-from launch.config import Config
+from tf_breakeven import models
+from tf_breakeven.launch import config as config_lib
+from tf_breakeven.launch import data as data_lib
+from tf_breakeven.launch import distribute_utils
+from tf_breakeven.launch.config import Config
 
 SUMMARY = "summary.json"
 
@@ -100,78 +101,43 @@ def make_optimizer(config: Config, total_steps: int) -> keras.Optimizer:
     return keras.optimizers.SGD(learning_rate, momentum=momentum)
 
 
+def measurement_schedule(config: Config) -> Any:
+    """The `schedule=` of the tracking callbacks for `config.measure_every`.
+
+    None keeps the preset's own: "epoch" (the flag's default) leaves
+    "economy" at its log-spaced steps and measures "paper" and "full" each
+    epoch.
+    """
+    if config.measure_every == "epoch":
+        return None if config.tracking == "economy" else "epoch"
+    if config.measure_every == "log":
+        return tfb.schedules.LogSpaced(per_decade=3)
+    return int(config.measure_every)
+
+
 def tracking_callbacks(
     config: Config, spec: Any, recorder: tfb.Recorder | None
 ) -> list[keras.callbacks.Callback]:
-    """The callbacks of `config.tracking`, on the dataset's probe set."""
+    """The callbacks of `config.tracking`, on the dataset's probe set.
+
+    `tfb.preset` composes them; the launcher gives it the probe drawn by
+    `tf_breakeven.launch.data` and its flags.
+    """
     if config.tracking == "none":
         return []
-    probe = spec.probe
-    size = int(sum(int(tf.shape(b[1])[0]) for b in probe))
-    if config.measure_every == "epoch":
-        schedule = "epoch"
-    elif config.measure_every == "log":
-        schedule = tfb.schedules.LogSpaced(per_decade=3)
-    else:
-        schedule = int(config.measure_every)
-    common = {
-        "recorder": recorder,
-        "seed": config.seed,
-        "jit_compile": config.jit_compile,
-    }
-    sgd = {}
-    if config.optimizer != "adam":
-        sgd = {
-            "criterion": "sgd",
-            "batch_size": config.batch_size,
-            "dataset_size": spec.num_train,
-        }
-    if config.tracking == "economy":
-        small = probe.unbatch().take(tfb.presets.ECONOMY_PROBE_SIZE)
-        kwargs = {**sgd, **common}
-        if config.measure_every != "epoch":
-            kwargs["schedule"] = schedule
-        return [tfb.presets.economy_break_even(small.batch(128), **kwargs)]
-    micro = config.microbatch_size or min(128, max(1, size // 8))
-    usable = size - size % micro
-    if usable < 2 * micro:
-        raise ValueError(
-            f"The probe set has {size} examples: too few for micro-batches "
-            f"of {micro}; raise --probe_fraction or lower --microbatch_size."
-        )
-    if usable != size:
-        probe = probe.unbatch().take(usable).batch(128).cache()
-    gram = {
-        "microbatch_size": micro,
-        "schedule": schedule,
-        "recorder": recorder,
-        "jit_compile": config.jit_compile,
-    }
-    callbacks = [
-        tfb.BreakEven(
-            probe,
-            k=config.k,
-            num_iterations=20,
-            schedule=schedule,
-            **sgd,
-            **common,
-        ),
-        tfb.GradientCovariance(probe, **gram),
-        tfb.GradientConfusion(probe, **gram),
-    ]
-    if config.tracking == "full":
-        callbacks.append(
-            tfb.HessianSpectrum(
-                probe,
-                k=max(5, config.k),
-                trace=True,
-                smallest=True,
-                density=True,
-                schedule=schedule,
-                **common,
-            )
-        )
-    return callbacks
+    sgd = config.optimizer != "adam"  # the SGD criterion of eq. 1
+    return tfb.preset(
+        config.tracking,
+        probe=spec.probe,
+        recorder=recorder,
+        seed=config.seed,
+        batch_size=config.batch_size if sgd else None,
+        dataset_size=spec.num_train if sgd else None,
+        k=config.k,
+        microbatch_size=config.microbatch_size,
+        schedule=measurement_schedule(config),
+        jit_compile=config.jit_compile,
+    )
 
 
 @contextlib.contextmanager
@@ -204,12 +170,75 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict:
-    """Runs one configuration; resumes if `workdir` holds a backup.
+@dataclasses.dataclass
+class Run:
+    """What `build` makes for one configuration, and where it writes.
 
-    Returns:
-        The summary written to `workdir/summary.json`.
+    Attributes:
+        strategy: the `tf.distribute` strategy everything is built under.
+        chief: whether this process writes records, model and summary.
+        outdir: this process's directory (the workdir on the chief, a
+            scratch directory on the other workers).
+        spec: the loaded `tf_breakeven.launch.data.DataSpec`.
+        model: the compiled model.
+        steps_per_epoch: training steps per epoch.
+        recorder: the records' `Recorder` (None off the chief).
     """
+
+    strategy: tf.distribute.Strategy
+    chief: bool
+    outdir: str
+    spec: Any
+    model: keras.Model
+    steps_per_epoch: int
+    recorder: tfb.Recorder | None
+
+    @property
+    def backup_dir(self) -> str:
+        return os.path.join(self.outdir, "backup")
+
+
+def load_data(config: Config) -> Any:
+    """The `DataSpec` of `config.dataset` with the run's sizes and seed."""
+    return data_lib.load(
+        config.dataset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        image_size=config.image_size
+        or config_lib.DEFAULT_IMAGE_SIZE.get(config.dataset),
+        augment=config.augment,
+        probe_fraction=config.probe_fraction,
+        sequence_length=config.sequence_length,
+        vocabulary_size=config.vocabulary_size,
+    )
+
+
+def build_model(config: Config, spec: Any, total_steps: int) -> keras.Model:
+    """The zoo model (tracked if asked), compiled.
+
+    Call it under the strategy's scope and the run's dtype policy.
+    """
+    model = models.get_model(config.model, **_model_arguments(config, spec))
+    if config.step_tracking_every and config.strategy != "multi_worker":
+        model = tfb.track(
+            model,
+            every=config.step_tracking_every,
+            gram=config.step_tracking_gram,
+            microbatch_size=config.microbatch_size or 4,
+            hessian_every=config.step_tracking_hessian_every,
+        )
+    model.compile(
+        optimizer=make_optimizer(config, total_steps),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=config.jit_compile,
+    )
+    return model
+
+
+def build(config: Config, workdir: str) -> Run:
+    """Seeds, strategy, output directory and config.json, data, model."""
     os.makedirs(workdir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     strategy = distribute_utils.get_strategy(config.strategy, config.tpu)
@@ -226,39 +255,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, "config.json"), "w") as f:
         f.write(config.to_json())
-    spec = data_lib.load(
-        config.dataset,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        image_size=config.image_size
-        or config_lib.DEFAULT_IMAGE_SIZE.get(config.dataset),
-        augment=config.augment,
-        probe_fraction=config.probe_fraction,
-        sequence_length=config.sequence_length,
-        vocabulary_size=config.vocabulary_size,
-    )
+    spec = load_data(config)
     steps_per_epoch = config.steps_per_epoch or max(
         1, spec.num_train // config.batch_size
     )
-    backup_dir = os.path.join(outdir, "backup")
-    total_steps = steps_per_epoch * config.epochs
     with _precision(config.precision), strategy.scope():
-        model = models.get_model(config.model, **_model_arguments(config, spec))
-        if config.step_tracking_every and config.strategy != "multi_worker":
-            model = tfb.track(
-                model,
-                every=config.step_tracking_every,
-                gram=config.step_tracking_gram,
-                microbatch_size=config.microbatch_size or 4,
-                hessian_every=config.step_tracking_hessian_every,
-            )
-        model.compile(
-            optimizer=make_optimizer(config, total_steps),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            jit_compile=config.jit_compile,
-        )
+        model = build_model(config, spec, steps_per_epoch * config.epochs)
     recorder = (
         tfb.Recorder(
             os.path.join(workdir, "records.jsonl"),
@@ -267,45 +269,81 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         if chief
         else None
     )
-    callbacks = tracking_callbacks(config, spec, recorder)
-    if config.strategy == "multi_worker":
-        from launch import loop
+    return Run(strategy, chief, outdir, spec, model, steps_per_epoch, recorder)
 
-        history = loop.fit(
-            model,
-            spec,
-            strategy,
+
+def keras_callbacks(run: Run) -> list[keras.callbacks.Callback]:
+    """Backup (resume), CSV history and TensorBoard of a Keras `fit` run."""
+    return [
+        keras.callbacks.BackupAndRestore(
+            run.backup_dir, double_checkpoint=True
+        ),
+        keras.callbacks.CSVLogger(
+            os.path.join(run.outdir, "history.csv"), append=True
+        ),
+        keras.callbacks.TensorBoard(
+            os.path.join(run.outdir, "tensorboard"), write_graph=False
+        ),
+    ]
+
+
+def fit(
+    run: Run, config: Config, callbacks: list[keras.callbacks.Callback]
+) -> dict:
+    """Trains; returns the History dict.
+
+    Keras `fit`, after our callbacks (appended to `callbacks`) the backup,
+    CSV and TensorBoard ones; under "multi_worker" the custom loop of
+    `tf_breakeven.launch.loop`, which checkpoints by itself.
+    """
+    if config.strategy == "multi_worker":
+        from tf_breakeven.launch import loop
+
+        return loop.fit(
+            run.model,
+            run.spec,
+            run.strategy,
             config,
             callbacks,
-            backup_dir=backup_dir,
-            steps_per_epoch=steps_per_epoch,
+            backup_dir=run.backup_dir,
+            steps_per_epoch=run.steps_per_epoch,
         )
-    else:
-        callbacks += [
-            keras.callbacks.BackupAndRestore(
-                backup_dir, double_checkpoint=True
-            ),
-            keras.callbacks.CSVLogger(
-                os.path.join(outdir, "history.csv"), append=True
-            ),
-            keras.callbacks.TensorBoard(
-                os.path.join(outdir, "tensorboard"), write_graph=False
-            ),
-        ]
-        # Epoch-seeded batches, started at the epoch BackupAndRestore will
-        # resume from, so a resumed run sees the batches it would have.
-        start = min(_backup_epoch(backup_dir), config.epochs - 1)
-        train = spec.train_epochs(start, config.epochs)
-        history = model.fit(
-            train,
-            epochs=config.epochs,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=spec.test,
-            callbacks=callbacks,
-            verbose=config.verbose,
-        ).history
-    if not chief:
-        return {}
+    callbacks += keras_callbacks(run)
+    # Epoch-seeded batches, started at the epoch BackupAndRestore will
+    # resume from, so a resumed run sees the batches it would have.
+    start = min(_backup_epoch(run.backup_dir), config.epochs - 1)
+    train = run.spec.train_epochs(start, config.epochs)
+    return run.model.fit(
+        train,
+        epochs=config.epochs,
+        steps_per_epoch=run.steps_per_epoch,
+        validation_data=run.spec.test,
+        callbacks=callbacks,
+        verbose=config.verbose,
+    ).history
+
+
+def _maxima(records: list[dict]) -> dict:
+    return {
+        key: _finite(float(np.nanmax(values)))
+        for key in (
+            "hessian/lambda_1",
+            "grad_cov/lambda_1",
+            "grad_cov/trace_over_lambda_1",
+        )
+        if (values := [r[key] for r in records if key in r])
+        and not np.all(np.isnan(values))
+    }
+
+
+def write_summary(
+    config: Config,
+    workdir: str,
+    model: keras.Model,
+    history: dict,
+    callbacks: list[keras.callbacks.Callback],
+) -> dict:
+    """Saves model and figures, writes summary.json (marks the run done)."""
     model.save(os.path.join(workdir, "model.keras"))
     records = tfb.read_records(os.path.join(workdir, "records.jsonl"))
     figures = tfb.plotting.save_figures(
@@ -315,35 +353,33 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         (c.breakeven_step for c in callbacks if isinstance(c, tfb.BreakEven)),
         None,
     )
-    last = {k: _finite(float(v[-1])) for k, v in history.items() if v}
+    cosines = [
+        r["confusion/cos_min"] for r in records if "confusion/cos_min" in r
+    ]
     summary = {
         "config": json.loads(config.to_json()),
-        "final": last,
+        "final": {k: _finite(float(v[-1])) for k, v in history.items() if v},
         "breakeven_step": breakeven,
         "num_records": len(records),
         "figures": figures,
-        "max": {
-            key: _finite(float(np.nanmax(values)))
-            for key in (
-                "hessian/lambda_1",
-                "grad_cov/lambda_1",
-                "grad_cov/trace_over_lambda_1",
-            )
-            if (values := [r[key] for r in records if key in r])
-            and not np.all(np.isnan(values))
-        },
-        "min_cos": _finite(
-            min(
-                (
-                    r["confusion/cos_min"]
-                    for r in records
-                    if "confusion/cos_min" in r
-                ),
-                default=math.nan,
-            )
-        ),
+        "max": _maxima(records),
+        "min_cos": _finite(min(cosines, default=math.nan)),
     }
     with open(summary_path(workdir), "w") as f:
         json.dump(summary, f, indent=2)
     logging.info("Run done: %s", workdir)
     return summary
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict:
+    """Runs one configuration; resumes if `workdir` holds a backup.
+
+    Returns:
+        The summary written to `workdir/summary.json` ({} off the chief).
+    """
+    run = build(config, workdir)
+    callbacks = tracking_callbacks(config, run.spec, run.recorder)
+    history = fit(run, config, callbacks)
+    if not run.chief:
+        return {}
+    return write_summary(config, workdir, run.model, history, callbacks)

@@ -8,8 +8,10 @@ so records are the same as with `fit`:
 
 * every worker reads the same global batches and takes its replica's
   contiguous slice, so a global batch is the one a single process sees;
-* the loss is the global-batch mean (per-replica sums over the global
-  batch size), and the optimizer all-reduces gradients in `apply`;
+* the loss is the model's compiled loss, reduced as Keras' default
+  "sum_over_batch_size" over the global batch (per-replica sums of the
+  per-example losses over the global batch size), and the optimizer
+  all-reduces gradients in `apply`;
 * every worker runs the measurements (their collectives need all of them),
   only the chief writes records;
 * a `tf.train.CheckpointManager` saves model, optimizer and epoch at each
@@ -19,7 +21,8 @@ so records are the same as with `fit`:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -44,31 +47,44 @@ def _distributed_dataset(strategy, dataset, global_batch):
     return strategy.distribute_datasets_from_function(dataset_fn, options)
 
 
-def fit(
-    model: keras.Model,
-    spec: Any,
-    strategy: tf.distribute.Strategy,
-    config: Any,
-    callbacks: list[keras.callbacks.Callback],
-    *,
-    backup_dir: str,
-    steps_per_epoch: int,
-) -> dict:
-    """Trains `model` for `config.epochs`; returns the History dict."""
-    global_batch = config.batch_size
-    per_example = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None
+def per_example_loss(model: keras.Model) -> Callable:
+    """The model's compiled loss as `fn(y_true, y_pred)` -> per-example.
+
+    A `keras.losses.Loss` is rebuilt from its config with `reduction=None`,
+    so it converts its inputs as when Keras calls it and only the reduction
+    is left to the loop; a loss name or function is per-example already.
+
+    Raises:
+        ValueError: no compiled loss, one loss per output, or a `Loss`
+            whose reduction is not Keras' default "sum_over_batch_size"
+            (the reduction this loop applies).
+    """
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        config = loss.get_config()
+        if config.get("reduction") != "sum_over_batch_size":
+            raise ValueError(
+                f"The multi-worker loop reduces losses as Keras' default "
+                f"'sum_over_batch_size'; the model's loss has reduction "
+                f"{config.get('reduction')!r}: compile without `reduction=`."
+            )
+        return type(loss).from_config({**config, "reduction": None})
+    if callable(loss):
+        return loss
+    raise ValueError(
+        "The multi-worker loop needs the model compiled with one loss "
+        f"(a Keras loss, its name or fn(y_true, y_pred)); got {loss!r}."
     )
+
+
+def make_train_step(
+    model: keras.Model, strategy: tf.distribute.Strategy, global_batch: int
+) -> Callable:
+    """`train_step(iterator) -> (loss, accuracy)` of one global batch."""
+    per_example = per_example_loss(model)
     optimizer = model.optimizer
-    with strategy.scope():
-        optimizer.build(model.trainable_variables)
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-        checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, epoch=epoch_var
-        )
-    manager = tf.train.CheckpointManager(checkpoint, backup_dir, max_to_keep=2)
-    manager.restore_or_initialize()
-    initial_epoch = int(epoch_var.numpy())
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
@@ -95,6 +111,44 @@ def fit(
             strategy.reduce(reduce, accuracy, axis=None),
         )
 
+    return train_step
+
+
+class _Checkpoints(NamedTuple):
+    manager: tf.train.CheckpointManager
+    epoch: tf.Variable  # epochs done, saved with model and optimizer
+
+
+def _restore(
+    model: keras.Model, strategy: tf.distribute.Strategy, backup_dir: str
+) -> _Checkpoints:
+    """Restores model, optimizer and epoch from `backup_dir` if saved."""
+    optimizer = model.optimizer
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, epoch=epoch
+        )
+    manager = tf.train.CheckpointManager(checkpoint, backup_dir, max_to_keep=2)
+    manager.restore_or_initialize()
+    return _Checkpoints(manager, epoch)
+
+
+def fit(
+    model: keras.Model,
+    spec: Any,
+    strategy: tf.distribute.Strategy,
+    config: Any,
+    callbacks: list[keras.callbacks.Callback],
+    *,
+    backup_dir: str,
+    steps_per_epoch: int,
+) -> dict:
+    """Trains `model` for `config.epochs`; returns the History dict."""
+    checkpoints = _restore(model, strategy, backup_dir)
+    initial_epoch = int(checkpoints.epoch.numpy())
+    train_step = make_train_step(model, strategy, config.batch_size)
     callback_list = keras.callbacks.CallbackList(
         callbacks,
         add_history=True,
@@ -108,25 +162,32 @@ def fit(
     train = spec.train_epochs(
         initial_epoch, max(config.epochs, initial_epoch + 1)
     )
-    iterator = iter(_distributed_dataset(strategy, train, global_batch))
+    iterator = iter(_distributed_dataset(strategy, train, config.batch_size))
     epoch_logs: dict = {}
     callback_list.on_train_begin()
     for epoch in range(initial_epoch, config.epochs):
         callback_list.on_epoch_begin(epoch)
-        total_loss = total_accuracy = 0.0
-        for step in range(steps_per_epoch):
-            callback_list.on_train_batch_begin(step)
-            loss, accuracy = train_step(iterator)
-            total_loss += float(loss)
-            total_accuracy += float(accuracy)
-            logs = {
-                "loss": total_loss / (step + 1),
-                "accuracy": total_accuracy / (step + 1),
-            }
-            callback_list.on_train_batch_end(step, logs)
-        epoch_logs = dict(logs)
+        epoch_logs = _epoch(
+            callback_list, train_step, iterator, steps_per_epoch
+        )
         callback_list.on_epoch_end(epoch, epoch_logs)
-        epoch_var.assign(epoch + 1)
-        manager.save()
+        checkpoints.epoch.assign(epoch + 1)
+        checkpoints.manager.save()
     callback_list.on_train_end(epoch_logs)
     return model.history.history if model.history else {}
+
+
+def _epoch(callback_list, train_step, iterator, steps: int) -> dict:
+    """Runs `steps` train steps; returns the epoch's mean loss/accuracy."""
+    total_loss = total_accuracy = 0.0
+    for step in range(steps):
+        callback_list.on_train_batch_begin(step)
+        loss, accuracy = train_step(iterator)
+        total_loss += float(loss)
+        total_accuracy += float(accuracy)
+        logs = {
+            "loss": total_loss / (step + 1),
+            "accuracy": total_accuracy / (step + 1),
+        }
+        callback_list.on_train_batch_end(step, logs)
+    return dict(logs)

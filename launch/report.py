@@ -1,6 +1,7 @@
 r"""Turn a sweep into the papers' figures and a summary table.
 
-    python -m launch.report --workdir=/tmp/sweep_be
+    python -m tf_breakeven.launch.report --workdir=/tmp/sweep_be
+    tf-breakeven-report --workdir=/tmp/sweep_be      # the console script
 
 Reads every run under --workdir (a directory with config.json and
 records.jsonl) and writes into --workdir/report (or --out):
@@ -12,6 +13,10 @@ records.jsonl) and writes into --workdir/report (or --out):
     confusion.png      min cosine against width and depth (confusion paper)
     cosines.png        cosine KDEs at the last measurement of every run
     summary.md, summary.csv
+
+The figures are drawn on `matplotlib.figure.Figure` objects, not through
+pyplot, so neither importing this module nor writing a report changes the
+process's plotting backend (a notebook keeps its own).
 """
 
 from __future__ import annotations
@@ -20,16 +25,14 @@ import csv
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 
-import matplotlib
+from absl import app, flags
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import tf_breakeven as tfb  # noqa: E402
+import tf_breakeven as tfb
+from tf_breakeven.launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Sweep directory.", required=True)
@@ -127,8 +130,9 @@ def table(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def plot_trajectories(runs: list[dict]) -> plt.Figure:
-    fig, (ax_h, ax_k) = plt.subplots(1, 2, figsize=(11, 4))
+def plot_trajectories(runs: list[dict]) -> Figure:
+    fig = Figure(figsize=(11, 4))
+    (ax_h, ax_k) = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         records = run["records"]
@@ -168,9 +172,10 @@ def _lines(ax, rows, x_key, group_key, y_key):
     ax.legend(fontsize=7)
 
 
-def plot_max_vs_lr_bs(rows: list[dict]) -> plt.Figure:
+def plot_max_vs_lr_bs(rows: list[dict]) -> Figure:
     keys = ("max_lambda_K", "max_lambda_H", "max_trK_over_lambda_K")
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig = Figure(figsize=(13, 7))
+    axes = fig.subplots(2, 3)
     for j, key in enumerate(keys):
         _lines(axes[0, j], rows, "learning_rate", "batch_size", key)
         axes[0, j].set_xscale("log")
@@ -180,16 +185,18 @@ def plot_max_vs_lr_bs(rows: list[dict]) -> plt.Figure:
     return fig
 
 
-def plot_confusion(rows: list[dict]) -> plt.Figure:
-    fig, (ax_w, ax_d) = plt.subplots(1, 2, figsize=(10, 4))
+def plot_confusion(rows: list[dict]) -> Figure:
+    fig = Figure(figsize=(10, 4))
+    (ax_w, ax_d) = fig.subplots(1, 2)
     _lines(ax_w, rows, "width", "depth", "min_cos")
     _lines(ax_d, rows, "depth", "width", "min_cos")
     fig.tight_layout()
     return fig
 
 
-def plot_cosines(runs: list[dict]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_cosines(runs: list[dict]) -> Figure:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for run in runs:
         measured = [
             r
@@ -222,7 +229,7 @@ def write_report(workdir: str, out: str | None = None) -> dict:
     if not runs:
         raise ValueError(
             f"No runs under {workdir}: expected directories with config.json"
-            " (run `python -m launch.sweep` first)."
+            " (run `python -m tf_breakeven.launch.sweep` first)."
         )
     rows = table(runs)
     paths = {}
@@ -235,7 +242,6 @@ def write_report(workdir: str, out: str | None = None) -> dict:
     for name, fig in figures.items():
         paths[name] = os.path.join(out, name)
         fig.savefig(paths[name], dpi=100)
-        plt.close(fig)
     paths["summary.csv"] = os.path.join(out, "summary.csv")
     with open(paths["summary.csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -254,8 +260,15 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     paths = write_report(FLAGS.workdir, FLAGS.out)
-    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+    sys.stdout.write(
+        "".join(f"{name}: {path}\n" for name, path in paths.items())
+    )
+
+
+def run() -> None:
+    """Console script `tf-breakeven-report` (and `python -m`)."""
+    cli.run(main, __name__)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

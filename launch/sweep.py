@@ -1,18 +1,19 @@
 r"""Sweep the papers' grids: one workdir per configuration.
 
     # break-even: learning rate x batch size
-    python -m launch.sweep --grid=breakeven --learning_rates=0.01,0.1 \
-        --batch_sizes=32,128 --model=simple_cnn --dataset=cifar10 \
-        --epochs=20 --workdir=/tmp/sweep_be
+    python -m tf_breakeven.launch.sweep --grid=breakeven \
+        --learning_rates=0.01,0.1 --batch_sizes=32,128 --model=simple_cnn \
+        --dataset=cifar10 --epochs=20 --workdir=/tmp/sweep_be
     # confusion: width x depth, with BN / skip switches
-    python -m launch.sweep --grid=confusion --model=wide_resnet \
+    python -m tf_breakeven.launch.sweep --grid=confusion --model=wide_resnet \
         --widths=1,2,4 --depths=10,16 --batch_norms=False --skips=False \
         --workdir=/tmp/sweep_conf
 
 Finished runs (with a summary.json) are skipped, unfinished ones resume.
 `--shard_index/--num_shards` take every num_shards-th configuration, so any
-scheduler can spread the grid over machines. All flags of `launch.train`
-set the base configuration.
+scheduler can spread the grid over machines. All flags of
+`tf_breakeven.launch.train` set the base configuration. Installed as the
+console script `tf-breakeven-sweep`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import os
 import keras
 from absl import app, flags, logging
 
-from launch import train as train_flags  # defines the base-config flags
+from tf_breakeven.launch import cli
+
+# Defines --workdir and the flags of every `Config` field (the base run).
+from tf_breakeven.launch import train as train_flags
 
 FLAGS = flags.FLAGS
 
@@ -92,7 +96,7 @@ def shard(points: list, index: int, count: int) -> list:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from launch.experiment import is_done, train_and_evaluate
+    from tf_breakeven.launch.experiment import is_done, train_and_evaluate
 
     base = train_flags.config_from_flags()
     points = shard(grid_points(), FLAGS.shard_index, FLAGS.num_shards)
@@ -108,5 +112,10 @@ def main(argv: list[str]) -> None:
         keras.backend.clear_session()
 
 
+def run() -> None:
+    """Console script `tf-breakeven-sweep` (and `python -m`)."""
+    cli.run(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from launch import data
+from tf_breakeven.launch import data
 
 NUM_MOCK = 64
 SMALL_IMAGES = ["mnist", "fashion_mnist", "cifar10", "cifar100"]

@@ -1,8 +1,10 @@
 """End-to-end launcher runs: offline default, datasets, resume, distributed,
 XLA, sweep and report."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +18,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import tf_breakeven as tfb
-from launch import config as config_lib
-from launch import experiment, report
+from tf_breakeven.launch import config as config_lib
+from tf_breakeven.launch import experiment, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CNN = {"filters": (4, 8), "dense_units": 16}
@@ -82,13 +84,14 @@ def test_offline_default_run_writes_everything(tmp_path):
 
 
 def test_readme_main_job_command_runs(tmp_path):
-    """`python -m launch.train` with the README's default, shortened."""
+    """`python -m tf_breakeven.launch.train` with the README's default,
+    shortened."""
     workdir = tmp_path / "cli"
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "launch.train",
+            "tf_breakeven.launch.train",
             f"--workdir={workdir}",
             "--epochs=1",
             "--steps_per_epoch=3",
@@ -168,7 +171,7 @@ def _launch(workdir, *flags):
         [
             sys.executable,
             "-m",
-            "launch.train",
+            "tf_breakeven.launch.train",
             f"--workdir={workdir}",
             "--model_arg=filters=(4,8)",
             "--model_arg=dense_units=16",
@@ -226,7 +229,7 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
             cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     sys.path.insert(0, os.path.join(sys.argv[3], "tests"))
     from test_launch import _tiny
-    from launch import experiment
+    from tf_breakeven.launch import experiment
     # No dropout: replicas draw different masks than one device would.
     config = _tiny(strategy=sys.argv[4], epochs=2, steps_per_epoch=3,
                    model_kwargs={"filters": (4, 8), "dense_units": 16,
@@ -362,7 +365,7 @@ def test_sweep_of_two_by_two_and_its_report(tmp_path):
         [
             sys.executable,
             "-m",
-            "launch.sweep",
+            "tf_breakeven.launch.sweep",
             f"--workdir={workdir}",
             "--grid=breakeven",
             "--learning_rates=0.01,0.1",
@@ -404,7 +407,7 @@ def test_sweep_of_two_by_two_and_its_report(tmp_path):
         [
             sys.executable,
             "-m",
-            "launch.sweep",
+            "tf_breakeven.launch.sweep",
             f"--workdir={workdir}",
             "--grid=breakeven",
             "--learning_rates=0.01,0.1",
@@ -419,3 +422,106 @@ def test_sweep_of_two_by_two_and_its_report(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert os.path.getmtime(workdir / "lr0.1_bs64" / "summary.json") == mtime
+
+
+def test_pyproject_lists_every_package_folder():
+    """The wheel's packages are listed explicitly (models/ and launch/ are
+    mapped into tf_breakeven), so a new subpackage must be added there."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    folders = {"tf_breakeven": "tf_breakeven", **setuptools["package-dir"]}
+    found = set()
+    for package, folder in folders.items():
+        top = os.path.join(REPO, folder)
+        for path, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if "__init__.py" in files:
+                relative = os.path.relpath(path, top)
+                found.add(
+                    package
+                    if relative == "."
+                    else ".".join([package, *relative.split(os.sep)])
+                )
+    assert sorted(setuptools["packages"]) == sorted(found)
+
+
+def test_zoo_and_launchers_import_from_any_directory(tmp_path):
+    """Installed inside the library's namespace, not as top-level `models`
+    and `launch`: a project's own models/ cannot shadow them."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("SHADOW = True\n")
+    script = (
+        "import tf_breakeven.models as m, tf_breakeven.launch.sweep\n"
+        "assert not hasattr(m, 'SHADOW') and 'simple_cnn' in m.available()\n"
+        "import models\n"
+        "assert models.SHADOW\n"
+    )
+    for cwd in (tmp_path, REPO):
+        if cwd == REPO:
+            script = script.split("import models")[0]
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_flags_are_generated_from_the_config_fields():
+    from absl import flags
+
+    values = flags.FlagValues()
+    names = config_lib.define_flags(values)
+    assert "model_arg" in names and "model_kwargs" not in names
+    assert len(names) == len(dataclasses.fields(config_lib.Config))
+    values(["prog"])
+    assert config_lib.from_flags(values) == config_lib.Config()
+    values(
+        [
+            "prog",
+            "--model_arg=filters=(4,8)",
+            "--model_arg=init=orthogonal",
+            "--optimizer=momentum",
+            "--steps_per_epoch=7",
+            "--noaugment",
+            "--jit_compile",
+            "--learning_rate=0.1",
+            "--measure_every=3",
+            "--tpu=local",
+        ]
+    )
+    assert config_lib.from_flags(values) == config_lib.Config(
+        model_kwargs={"filters": (4, 8), "init": "orthogonal"},
+        optimizer="momentum",
+        steps_per_epoch=7,
+        jit_compile=True,
+        learning_rate=0.1,
+        measure_every="3",
+        tpu="local",
+    )
+    with pytest.raises(flags.IllegalFlagValueError):
+        values(["prog", "--tracking=luxury"])
+
+
+@pytest.mark.parametrize(
+    "script,flag",
+    [
+        ("tf-breakeven-train", "--learning_rate"),
+        ("tf-breakeven-sweep", "--learning_rates"),
+        ("tf-breakeven-report", "--workdir"),
+    ],
+)
+def test_console_scripts_print_the_launchers_help(script, flag):
+    path = os.path.join(os.path.dirname(sys.executable), script)
+    path = path if os.path.exists(path) else shutil.which(script)
+    if path is None:
+        pytest.skip(f"{script} is not installed (pip install -e .)")
+    result = subprocess.run(
+        [path, "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert flag in result.stdout, result.stderr[-3000:]
+    module = "tf_breakeven.launch." + script.rsplit("-", 1)[1]
+    assert f"python -m {module}" in result.stdout  # the module's docstring
