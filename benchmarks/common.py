@@ -15,9 +15,9 @@ names carry their sequence length where there is one:
 * `bert<T>` (e.g. `bert128`): a 2-layer keras-hub BertBackbone (vocabulary
   1000, hidden 64, 2 heads, intermediate 128, max sequence 128, dropout 0.1
   as keras-hub sets it) with a 3-class BertTextClassifier head on T tokens.
-* `zoo:<name>`: a model of the repository's zoo (`models.get_model`) in a
-  small-but-real configuration, see `ZOO` (these follow the zoo, so their
-  numbers may change with it).
+* `zoo:<name>`: a model of the repository's zoo
+  (`tf_breakeven.models.get_model`) in a small-but-real configuration, see
+  `ZOO` (these follow the zoo, so their numbers may change with it).
 
 Every model is compiled with sparse categorical cross-entropy on logits.
 """
@@ -135,7 +135,7 @@ ZOO = {
 
 
 def _zoo(name: str, batch_size: int, rng) -> tuple[Any, Any]:
-    import models
+    from tf_breakeven import models
 
     if name not in ZOO:
         raise ValueError(f"Unknown zoo model {name!r}; one of {sorted(ZOO)}.")

@@ -21,8 +21,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import models  # noqa: E402
 import tf_breakeven as tfb  # noqa: E402
+from tf_breakeven import models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 2000, "Training steps per fit.")

@@ -68,8 +68,8 @@ def _calls(model, x, y, m, training) -> dict:
     import tf_breakeven as tfb
     from tf_breakeven import gradients
 
-    kernel = gradients._kernel_for(model, None, training, False)
-    samples = gradients._prepare(model, (x, y), m, training)
+    kernel = gradients.gradient_kernel(model, training=training)
+    samples = gradients.prepare_samples(model, (x, y), m, training)
     gradient = common.gradient_function(model, training)
 
     @tf.function
@@ -112,7 +112,8 @@ def _worker(spec: str) -> dict:
     import tensorflow as tf
 
     import tf_breakeven as tfb
-    from tf_breakeven.gradients import _chunk_size, _has_batch_norm
+    from tf_breakeven.functional import has_batch_norm
+    from tf_breakeven.gradients import chunk_size
 
     name, m, what = spec.split(",")
     m = int(m)
@@ -121,10 +122,10 @@ def _worker(spec: str) -> dict:
     tfb.gradient_gram(tiny, (tf.ones((4, 4)), tf.ones((4, 2))))
     common.gradient_function(tiny)(tf.ones((4, 4)), tf.ones((4, 2)))
     model, x, y = common.build(name, _BATCH_SIZE.value)
-    training = m > 1 or not _has_batch_norm(model)
+    training = m > 1 or not has_batch_norm(model)
     n = _BATCH_SIZE.value // m
     dim = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    chunks = -(-n // _chunk_size(n, dim, _BUDGET_MB.value << 20))
+    chunks = -(-n // chunk_size(n, dim, _BUDGET_MB.value << 20))
     result = {"training": training, "n": n, "params": dim, "chunks": chunks}
     result["base_mb"] = common.peak_rss_mb()
     calls = _calls(model, x, y, m, training)

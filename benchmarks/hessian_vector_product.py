@@ -132,7 +132,7 @@ def _worker(name: str) -> dict:
         result[f"{key}_first_s"] = first[key]
     if "bob" in ops and not ops["bob"].function.has_rolled_recurrence:
         # Static FLOPs (a while loop's body would not be counted).
-        bob = ops["bob"]._kernel.hvp.get_concrete_function(vector, x, y, None)
+        bob = ops["bob"].kernel.hvp.get_concrete_function(vector, x, y, None)
         grad = gradient.get_concrete_function(x, y)
         result["bob_flops_ratio"] = _flops(bob) / _flops(grad)
     if len(products) == 2:

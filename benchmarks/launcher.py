@@ -3,12 +3,12 @@ replicas.
 
     python benchmarks/launcher.py --epochs=3
 
-Runs `launch.experiment.train_and_evaluate` on the offline digits data
-(SimpleCNN, 16x16, batch 128) in a fresh process per configuration and
-reports training steps per second from Keras' epoch timing (the first
-epoch, which traces, is excluded). "2 replicas" is MirroredStrategy over
-two logical CPU devices of the same 2 cores: it shows the overhead of the
-distributed path, not a speed-up.
+Runs `tf_breakeven.launch.experiment.train_and_evaluate` on the offline
+digits data (SimpleCNN, 16x16, batch 128) in a fresh process per
+configuration and reports training steps per second from Keras' epoch
+timing (the first epoch, which traces, is excluded). "2 replicas" is
+MirroredStrategy over two logical CPU devices of the same 2 cores: it
+shows the overhead of the distributed path, not a speed-up.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _SCRIPT = textwrap.dedent(
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * int(replicas))
     import keras
-    from launch import config as config_lib, experiment
+    from tf_breakeven.launch import config as config_lib, experiment
 
     times = []
 

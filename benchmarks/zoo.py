@@ -1,8 +1,8 @@
 """Gradient, Hessian-vector product and Gram matrix costs on the model zoo.
 
 For each zoo model (`zoo:<name>` in `benchmarks/common.py`: the
-repository's `models.get_model` in a small-but-real configuration), on one
-random batch of N examples, times:
+repository's `tf_breakeven.models.get_model` in a small-but-real
+configuration), on one random batch of N examples, times:
 
 * `grad`: one gradient of the mean loss (`common.gradient_function`,
   `training=True`: the function the HVP differentiates);
@@ -91,18 +91,19 @@ def _worker(spec: str) -> dict:
     import tensorflow as tf
 
     import tf_breakeven as tfb
-    from tf_breakeven.gradients import _chunk_size, _has_batch_norm
+    from tf_breakeven.functional import has_batch_norm
+    from tf_breakeven.gradients import chunk_size
 
     name, what = spec.split(",")
     _warm_up()
     model, x, y = common.build(name, _BATCH_SIZE.value)
     m = _MICROBATCH.value
-    training = m > 1 or not _has_batch_norm(model)
+    training = m > 1 or not has_batch_norm(model)
     n = _BATCH_SIZE.value // m
     dim = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     budget = _BUDGET_MB.value << 20
     result = {"params": dim, "gram_training": training, "n": n}
-    result["chunks"] = -(-n // _chunk_size(n, dim, budget))
+    result["chunks"] = -(-n // chunk_size(n, dim, budget))
     rng = np.random.default_rng(1)
     vector = [
         tf.constant(rng.normal(size=v.shape), tf.float32)
@@ -140,6 +141,11 @@ def _worker(spec: str) -> dict:
             result["error"] = common.short_error(error)
         result["peak_mb"] = common.peak_rss_mb()
         return result
+    return _timings(calls, result, n, dim, training)
+
+
+def _timings(calls: dict, result: dict, n: int, dim: int, training) -> dict:
+    """Times every call of `calls` into `result` (the "time" worker)."""
     # The gradient's memory as in a process of its own, then the product
     # while nothing else holds memory (BERT: 4.5 GB of rows).
     result["grad_first_s"] = common.timed(calls["grad"])
