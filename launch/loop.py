@@ -1,7 +1,8 @@
 """A custom training loop for `MultiWorkerMirroredStrategy`.
 
 Keras 3.15's `model.fit` fails under `MultiWorkerMirroredStrategy`
-(TRAPS.md 15; keras-team/keras#20585, tensorflow/tensorflow#72388), while
+(docs/pitfalls.md#P15; keras-team/keras#20585,
+tensorflow/tensorflow#72388), while
 `strategy.run` + `optimizer.apply` works. This loop drives the same Keras
 callbacks (our measurement callbacks, History) through a `CallbackList`,
 so records are the same as with `fit`:

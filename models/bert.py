@@ -58,8 +58,9 @@ def bert_classifier(
     keras-hub, which downloads it (e.g. "bert_base_en_uncased"). Without
     `preset` the weights are freshly initialized and no file is read.
     Hessian-vector products go through LayerNormalization, which
-    tf_breakeven differentiates exactly (TRAPS.md 1), and per-example
-    gradients through its pfor-safe einsum (TRAPS.md 12).
+    tf_breakeven differentiates exactly (docs/pitfalls.md#P1), and
+    per-example gradients through its pfor-safe einsum
+    (docs/pitfalls.md#P12).
 
     Args:
         num_classes: output logits (3 for MNLI). With `preset`, None keeps

@@ -21,17 +21,17 @@ class LSTMClassifier(ZooModel):
     ordinary token (no masking), as in the example.
 
     Why `unroll=True` (the default): TensorFlow 2.21 cannot run forward-mode
-    autodiff through the backward pass of the `tf.while_loop` of a rolled
-    LSTM (TRAPS.md 6), nor vectorize per-example gradients of it with pfor
-    (TRAPS.md 11). Unrolled, the LSTM is `sequence_length` copies of the
-    cell in the graph, so forward-over-backward Hessian-vector products
-    (measured 1.7x a gradient) and vectorized per-example gradients (3.7x)
-    work, with no while loop. The cost: the graph, its trace/compile time
-    and the activation memory grow linearly with `sequence_length`, which
-    must be static (fine at 80-500 tokens; for thousands of steps use
-    `unroll=False`). With `unroll=False` tf_breakeven still gives exact
-    numbers, through backward-over-backward HVPs and a sequential
-    `tf.map_fn` loop for sample gradients (several times slower).
+    autodiff through the backward pass of the `tf.while_loop` of a rolled LSTM
+    (docs/pitfalls.md#P6), nor vectorize per-example gradients of it with pfor
+    (docs/pitfalls.md#P11). Unrolled, the LSTM is `sequence_length` copies of
+    the cell in the graph, so forward-over-backward Hessian-vector products
+    (measured 1.7x a gradient) and vectorized per-example gradients (3.7x) work,
+    with no while loop. The cost: the graph, its trace/compile time and the
+    activation memory grow linearly with `sequence_length`, which must be static
+    (fine at 80-500 tokens; for thousands of steps use `unroll=False`). With
+    `unroll=False` tf_breakeven still gives exact numbers, through
+    backward-over-backward HVPs and a sequential `tf.map_fn` loop for sample
+    gradients (several times slower).
 
     Args:
         num_classes: output logits (2 for IMDB).

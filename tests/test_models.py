@@ -1,13 +1,13 @@
 """Model zoo: build, fit, serialization, parameter counts, and both engines.
 
 Every model's tiny configuration is checked against exact references:
-Hessian-vector products forward-over-backward vs backward-over-backward
-(both exact in tf_breakeven), and for models with normalization layers also
-vs float64 finite differences of a float64 copy (stock second-order autodiff
-is wrong there, TRAPS.md 1); per-example and micro-batch gradients vs a
-Python loop. Canonical parameter counts are checked against the published
-figures to the precision they were published at, and against an exact
-count derived by hand or from keras.applications.
+Hessian-vector products forward-over-backward vs backward-over-backward (both
+exact in tf_breakeven), and for models with normalization layers also vs float64
+finite differences of a float64 copy (stock second-order autodiff is wrong
+there, docs/pitfalls.md#P1); per-example and micro-batch gradients vs a Python
+loop. Canonical parameter counts are checked against the published figures to
+the precision they were published at, and against an exact count derived by hand
+or from keras.applications.
 """
 
 import json
@@ -470,12 +470,12 @@ def twin(case, **overrides):
     return model32, model64
 
 
-# Through normalization layers (BN in training mode, LayerNorm in BERT) both
-# HVP methods are checked against each other and against float64 finite
-# differences; dropout off so that the float32 and float64 models are the
-# same function. Stock TF is off by 2-71% through BN (TRAPS.md 1), which a
-# float32 HVP resolves (1e-4); through BERT's LayerNorm only by ~7e-5, so
-# there (and for the MLP) the float64 HVP is compared, at 1e-6.
+# Through normalization layers (BN in training mode, LayerNorm in BERT) both HVP
+# methods are checked against each other and against float64 finite differences;
+# dropout off so that the float32 and float64 models are the same function.
+# Stock TF is off by 2-71% through BN (docs/pitfalls.md#P1), which a float32 HVP
+# resolves (1e-4); through BERT's LayerNorm only by ~7e-5, so there (and for the
+# MLP) the float64 HVP is compared, at 1e-6.
 FD_CASES = [
     ("simple_cnn_bn", {"conv_dropout": 0, "dense_dropout": 0}, "float32"),
     ("resnet32", {}, "float32"),

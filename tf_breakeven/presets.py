@@ -126,8 +126,8 @@ def preset(
     * "economy" (cheap; the default of the launchers): `BreakEven` with
       k = 1 on 64 probe examples, warm-started 4-step Lanczos, at
       log-spaced steps (2 per decade). One cold 20-step power iteration
-      costs ~25-30 small-CNN training steps (TRAPS.md 17); warm starts and
-      log spacing keep the total small on long runs.
+      costs ~25-30 small-CNN training steps (docs/pitfalls.md#P16); warm
+      starts and log spacing keep the total small on long runs.
     * "paper": the papers' protocol each epoch on a 5% probe set:
       `BreakEven` (20 Lanczos steps), `GradientCovariance` and
       `GradientConfusion` with micro-batches of M = 128 (smaller if the
@@ -137,6 +137,9 @@ def preset(
 
     This is the one place where the measurement callbacks are composed;
     the launcher (`tf_breakeven.launch`) calls it with its flags.
+    This function is long because it documents every knob of the presets
+    in one place; its body delegates to `_economy`, `_paper` and
+    `_microbatched`.
 
     Args:
         name: one of `PRESETS`.
@@ -174,13 +177,7 @@ def preset(
         "seed": seed,
         "jit_compile": jit_compile,
     }
-    criterion = {}
-    if batch_size is not None and dataset_size is not None:
-        criterion = {
-            "criterion": "sgd",
-            "batch_size": batch_size,
-            "dataset_size": dataset_size,
-        }
+    criterion = _criterion(batch_size, dataset_size)
     if name == "economy":
         return [_economy(train_data, probe, schedule, criterion, common)]
     if probe is None:
@@ -193,6 +190,17 @@ def preset(
         )
     probe, micro = _microbatched(probe, microbatch_size)
     return _paper(probe, name == "full", k, micro, schedule, criterion, common)
+
+
+def _criterion(batch_size: int | None, dataset_size: int | None) -> dict:
+    """`BreakEven`'s SGD criterion (eq. 1) when S and N are both known."""
+    if batch_size is None or dataset_size is None:
+        return {}
+    return {
+        "criterion": "sgd",
+        "batch_size": batch_size,
+        "dataset_size": dataset_size,
+    }
 
 
 def _economy(
