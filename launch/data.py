@@ -189,6 +189,10 @@ def load(
 ) -> DataSpec:
     """Loads a dataset of the papers as tf.data pipelines.
 
+    This function is long because its docstring documents all 14 arguments;
+    the pipelines are built by `_source`, `_reshuffled`, `_EpochStream`,
+    `_probe_examples` and `_batches`.
+
     Args:
         name: one of `available()`.
         batch_size: training (and evaluation) batch size.

@@ -38,6 +38,9 @@ def bert_classifier(
 ) -> keras_hub.models.BertTextClassifier:
     """A keras-hub `BertTextClassifier` (backbone + pooled dense head).
 
+    This function is long because its docstring documents the architecture
+    and every argument; the preset branch is `_from_preset`.
+
     Jastrzebski et al. (ICLR 2020, the break-even paper) fine-tune
     pretrained BERT-base on MNLI (3 classes, sentence pairs). BERT-base
     (Devlin et al. 2019): 12 layers, 12 heads, hidden size 768, feed-forward
