@@ -364,3 +364,45 @@ def test_break_even_reads_learning_rate_schedules():
         # The rate of the next update: schedule(iterations) after `step`.
         eta = 0.1 if record["step"] <= 3 else 0.01
         assert record["breakeven/threshold"] == pytest.approx(2 * 1.5 / eta)
+
+
+class _ProbeLoss(cb.Measurement):
+    """A user's own measurement: the probe loss in inference mode."""
+
+    def __init__(self, fail_at=None):
+        self.fail_at = fail_at
+
+    def keys(self):
+        return ["user/probe_loss"]
+
+    def setup(self, model, probe):
+        self.x, self.y = probe.data
+
+    def compute(self, model, step):
+        if step == self.fail_at:
+            raise tf.errors.InvalidArgumentError(None, None, "planted")
+        loss = model.evaluate(self.x, self.y, verbose=0)
+        return cb.Result({"user/probe_loss": loss})
+
+
+def test_a_user_measurement_runs_through_the_driver(tmp_path):
+    model = _compiled()
+    probe = _train_data(n=16)
+    callback = cb.MeasurementCallback(
+        _ProbeLoss(fail_at=4),
+        probe,
+        schedule=schedules.AtSteps([2, 4]),
+        recorder=str(tmp_path / "r.jsonl"),
+    )
+    check = _DirectAtMeasurement(
+        callback, lambda m: m.evaluate(*probe, verbose=0)
+    )
+    history = _fit(model, [callback, check], epochs=1)
+    (first, direct), (failed, _) = check.pairs
+    assert first["step"] == 2 and failed["step"] == 4
+    assert first["user/probe_loss"] == pytest.approx(direct, rel=1e-6)
+    # A numerical failure is recorded as NaN, never raised.
+    assert math.isnan(failed["user/probe_loss"])
+    assert math.isnan(history.history["user/probe_loss"][-1])
+    records = recording.read_records(tmp_path / "r.jsonl")
+    assert [r["source"] for r in records] == ["MeasurementCallback"] * 2
