@@ -546,7 +546,8 @@ def gradient_statistics(
 ) -> dict[str, float]:
     """Covariance spectrum, conditioning, confusion and noise of gradients.
 
-    Computes `gradient_gram` and then its statistics (`gram_statistics`);
+    Computes `gradient_gram` and then its statistics
+    (`statistics_from_gram`);
     see `tf_breakeven.statistics` for the keys (`grad_cov/lambda_1`,
     `confusion/eta`, `grad/noise_scale`, ...).
 
@@ -563,7 +564,7 @@ def gradient_statistics(
         memory_budget=memory_budget,
         jit_compile=jit_compile,
     )
-    return gram_statistics(
+    return statistics_from_gram(
         gram, microbatch_size=microbatch_size, k=k, **statistics_kwargs
     )
 
@@ -571,7 +572,7 @@ def gradient_statistics(
 _STATISTICS: dict = {}
 
 
-def gram_statistics(
+def statistics_from_gram(
     gram: np.ndarray, *, microbatch_size: int = 1, k: int = 5, **kwargs: Any
 ) -> dict[str, float]:
     """The statistics of a sample-gradient Gram matrix, as Python floats.

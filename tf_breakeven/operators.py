@@ -56,11 +56,6 @@ def cached_kernel(
     return per_model[key]
 
 
-def kernels_of(model: keras.Model) -> dict:
-    """The kernels cached for `model` (key -> kernel), for inspection."""
-    return dict(_KERNELS.get(model, {}))
-
-
 class Kernel:
     """Base of the per-batch derivative functions of one configuration.
 

@@ -91,7 +91,7 @@ class GramMeasurement(Measurement):
             memory_budget=self.memory_budget,
             jit_compile=probe.jit_compile,
         )
-        stats = gradients.gram_statistics(
+        stats = gradients.statistics_from_gram(
             gram, microbatch_size=self.microbatch_size, k=self.k
         )
         histograms = {}
