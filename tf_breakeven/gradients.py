@@ -511,6 +511,9 @@ def gradient_covariance_eigenpairs(
     Returns:
         `(eigenvalues, eigenvectors)`: float64 [k'] descending, and k' unit
         vectors, each a list of tensors shaped like the trainable variables.
+        Non-finite sample gradients (NaN or Inf in the probe or the
+        weights) give k' = min(k, n) NaN eigenvalues and NaN vectors, with
+        a warning; zero gradients give k' = 0.
     """
     rows = SampleRows(
         model,
@@ -524,6 +527,12 @@ def gradient_covariance_eigenpairs(
     eigenvalues, coefficients = statistics.top_directions(
         rows.gram(), k, centered=centered
     )
+    if not np.all(np.isfinite(eigenvalues)):
+        logging.warning(
+            "gradient_covariance_eigenpairs: non-finite sample gradients "
+            "(NaN or Inf in the probe inputs or the weights, e.g. a "
+            "diverging run); returning NaN."
+        )
     function = rows.kernel.function
     directions = tf.cast(rows.combine(coefficients), function.dtype)
     return eigenvalues, [

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from tf_breakeven.validation import check_int
+from tf_breakeven.validation import ArgumentError, check_int
 
 Matvec = Callable[[tf.Tensor], tf.Tensor]
 Seed = int | tf.Tensor
@@ -210,6 +210,14 @@ def _apply(matvec: Matvec, vector: tf.Tensor, dim: int) -> tf.Tensor:
     return tf.reshape(out, [dim])
 
 
+def _finite_or_nan(value: tf.Tensor) -> tf.Tensor:
+    """`value` where finite, NaN elsewhere (a +-Inf answer is a diverged
+    operator, reported like a NaN one)."""
+    return tf.where(
+        tf.math.is_finite(value), value, tf.constant(np.nan, value.dtype)
+    )
+
+
 def _orthogonalize(vector: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
     # Classical Gram-Schmidt twice ("twice is enough"); zero rows are inert.
     for _ in range(2):
@@ -334,9 +342,9 @@ def lanczos(
     dim = check_int("dim", dim, 1)
     m = check_int("num_iterations", num_iterations, 1)
     if m > dim:
-        raise ValueError(
+        raise ArgumentError(
             f"num_iterations={m} exceeds the operator dimension {dim}; "
-            "pass num_iterations <= dim."
+            "pass num_iterations <= dim (dim steps already span the space)."
         )
     dtype = _check_dtype(dtype)
     return _lanczos(matvec, dim, m, start_vector, seed, 0, dtype)
@@ -353,7 +361,10 @@ def tridiagonal_eigh(
 
     Returns:
         `(eigenvalues [..., m] ascending, eigenvectors [..., m, m])`, float64,
-        with eigenvectors as columns (as `np.linalg.eigh`).
+        with eigenvectors as columns (as `np.linalg.eigh`). A matrix with a
+        NaN or Inf entry (a diverging operator) gives NaN eigenvalues and
+        eigenvectors instead of an error: it is decomposed as zeros, so
+        `tf.linalg.eigh` never sees it (also under XLA).
     """
     alphas = tf.cast(alphas, tf.float64)
     betas = tf.cast(betas, tf.float64)
@@ -371,7 +382,18 @@ def tridiagonal_eigh(
     tridiagonal = (
         tf.linalg.diag(alphas) + upper + tf.linalg.matrix_transpose(upper)
     )
-    return tf.linalg.eigh(tridiagonal)
+    # Per matrix of the batch: [..., 1, 1], broadcast over its entries.
+    finite = tf.reduce_all(
+        tf.math.is_finite(tridiagonal), axis=[-2, -1], keepdims=True
+    )
+    values, vectors = tf.linalg.eigh(
+        tf.where(finite, tridiagonal, tf.zeros_like(tridiagonal))
+    )
+    nan = tf.constant(np.nan, tf.float64)
+    return (
+        tf.where(finite[..., 0], values, nan),
+        tf.where(finite, vectors, nan),
+    )
 
 
 # ------------------------------------------------------------- eigenpairs
@@ -492,7 +514,8 @@ def power_iteration(
 
     Returns:
         `EigenResult(eigenvalues [1], eigenvectors [1, dim])`: the Rayleigh
-        quotient of the last iterate and that unit iterate.
+        quotient of the last iterate and that unit iterate (both NaN if the
+        quotient is not finite).
     """
     dim = check_int("dim", dim, 1)
     num_iterations = check_int("num_iterations", num_iterations, 0)
@@ -510,7 +533,9 @@ def power_iteration(
         (tf.constant(0), v, _apply(matvec, v, dim)),
         maximum_iterations=num_iterations,
     )
-    return EigenResult(tf.tensordot(v, w, 1)[tf.newaxis], v[tf.newaxis])
+    value = _finite_or_nan(tf.tensordot(v, w, 1))
+    vector = tf.where(tf.math.is_finite(value), v, tf.constant(np.nan, dtype))
+    return EigenResult(value[tf.newaxis], vector[tf.newaxis])
 
 
 # ------------------------------------------------------------------ traces
@@ -534,6 +559,15 @@ def _sum_quadratic_forms(
     return total
 
 
+def _exact_trace(matvec: Matvec, dim: int, dtype: tf.DType) -> tf.Tensor:
+    """sum_i e_i^T A e_i over the dim basis vectors (dim matvecs)."""
+    return _finite_or_nan(
+        _sum_quadratic_forms(
+            matvec, dim, lambda i: tf.one_hot(i, dim, dtype=dtype), dim, dtype
+        )
+    )
+
+
 def hutchinson_trace(
     matvec: Matvec,
     dim: int,
@@ -545,16 +579,18 @@ def hutchinson_trace(
     """Hutchinson trace estimate with Rademacher probes.
 
     Unbiased, with variance `2 (||A||_F^2 - sum_i a_ii^2) / num_samples`.
+    With `num_samples >= dim` the trace is computed exactly from the dim
+    basis vectors instead (dim matvecs, no randomness).
 
     Args:
         matvec: symmetric operator mapping `[dim]` to `[dim]`.
         dim: operator dimension.
-        num_samples: number of probes (= matvecs), >= 1.
+        num_samples: number of probes (= matvecs at most), >= 1.
         seed: int or integer scalar tensor; probe i uses `[seed, i]`.
         dtype: working dtype.
 
     Returns:
-        Scalar trace estimate in `dtype`.
+        Scalar trace estimate in `dtype`; NaN if it is not finite.
 
     References:
         Hutchinson, "A stochastic estimator of the trace of the influence
@@ -563,12 +599,14 @@ def hutchinson_trace(
     dim = check_int("dim", dim, 1)
     num_samples = check_int("num_samples", num_samples, 1)
     dtype = _check_dtype(dtype)
+    if num_samples >= dim:
+        return _exact_trace(matvec, dim, dtype)
 
     def probe(i):
         return _rademacher([dim], _seed(seed, i), dtype)
 
     total = _sum_quadratic_forms(matvec, dim, probe, num_samples, dtype)
-    return total / num_samples
+    return _finite_or_nan(total / num_samples)
 
 
 def hutchpp_trace(
@@ -586,17 +624,19 @@ def hutchpp_trace(
     deflated `(I - QQ^T) A (I - QQ^T)` with the remaining
     `num_samples - 2 s` probes. It is exact when rank(A) <= s and needs
     O(1/eps) instead of O(1/eps^2) matvecs for relative error eps on PSD A.
+    With `num_samples >= dim` the trace is computed exactly from the dim
+    basis vectors instead (dim matvecs, no randomness).
 
     Args:
         matvec: symmetric operator mapping `[dim]` to `[dim]`.
         dim: operator dimension.
-        num_samples: total matvecs, >= 3.
+        num_samples: total matvecs (at most), >= 3.
         seed: int or integer scalar tensor; S uses `[seed, 0]` and residual
             probe i uses `[seed, i + 1]`.
         dtype: working dtype.
 
     Returns:
-        Scalar trace estimate in `dtype`.
+        Scalar trace estimate in `dtype`; NaN if it is not finite.
 
     References:
         Meyer, Musco, Musco and Woodruff, "Hutch++: Optimal Stochastic Trace
@@ -605,6 +645,8 @@ def hutchpp_trace(
     dim = check_int("dim", dim, 1)
     num_samples = check_int("num_samples", num_samples, 3)
     dtype = _check_dtype(dtype)
+    if num_samples >= dim:
+        return _exact_trace(matvec, dim, dtype)
     s = num_samples // 3
     num_probes = num_samples - 2 * s
     sketch = _rademacher([s, dim], _seed(seed, 0), dtype)
@@ -626,7 +668,7 @@ def hutchpp_trace(
     residual = _sum_quadratic_forms(
         matvec, dim, residual_probe, num_probes, dtype
     )
-    return low_rank + residual / num_probes
+    return _finite_or_nan(low_rank + residual / num_probes)
 
 
 # ---------------------------------------------------------------- density
@@ -711,7 +753,9 @@ def spectral_density(
             `0.01 * max(1, max |nodes|)` when all nodes coincide.
 
     Returns:
-        `(grid, density)` float64 numpy arrays.
+        `(grid, density)` float64 numpy arrays. Non-finite nodes or weights
+        (a diverging operator) give a NaN density, on the given grid or on
+        a NaN grid of `num_points` points (there is no range to span).
     """
     nodes = np.asarray(nodes, np.float64)
     weights = np.asarray(weights, np.float64)
@@ -723,6 +767,8 @@ def spectral_density(
     if nodes.size == 0:
         raise ValueError("`nodes` is empty; pass `slq` outputs.")
     nodes, weights = np.atleast_2d(nodes), np.atleast_2d(weights)
+    if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
+        return _nan_density(grid, num_points, sigma)
     low, high = float(nodes.min()), float(nodes.max())
     if sigma is None:
         span = high - low
@@ -746,3 +792,22 @@ def spectral_density(
     kernel = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2.0 * np.pi))
     density = kernel @ weights.reshape(-1) / nodes.shape[0]
     return grid, density
+
+
+def _nan_density(
+    grid: Any, num_points: int, sigma: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The NaN answer of `spectral_density`, after the same checks."""
+    if sigma is not None and not sigma > 0:
+        raise ArgumentError(f"`sigma` must be > 0; got {sigma}.")
+    if isinstance(grid, (int, np.integer)):
+        grid, num_points = None, int(grid)
+    if grid is None:
+        num_points = check_int("num_points", num_points, 2)
+        grid = np.full(num_points, np.nan)
+    grid = np.asarray(grid, np.float64)
+    if grid.ndim != 1 or grid.size < 1:
+        raise ArgumentError(
+            f"`grid` must be 1-D and non-empty; got shape {grid.shape}."
+        )
+    return grid, np.full(grid.shape, np.nan)

@@ -5,6 +5,12 @@ with `flat_matvec`, `dim`, `dtype`, `shapes` and `jit_compile` (a
 `HessianOperator`, or one of your own). Each solver call is compiled into
 one `tf.function` per operator and solver configuration, kept in one
 cache, so a callback that measures every epoch traces its solver once.
+
+An operator with NaN or Inf in it (a probe or weights of a diverging run)
+gives NaN results and one warning per call, never an exception; the
+solvers themselves never hand a non-finite matrix to `tf.linalg.eigh`
+(`linalg.tridiagonal_eigh`), so this holds under XLA too. A zero operator
+gives zeros.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tf_breakeven import linalg
 from tf_breakeven.functional import check_vector
@@ -56,6 +63,18 @@ def compiled_solver(
     return per_operator[key]
 
 
+def _warn_if_nonfinite(operator: Operator, what: str, values: Any) -> None:
+    """One warning when a solver's answer is NaN/Inf (never raises)."""
+    if not np.all(np.isfinite(values)):
+        logging.warning(
+            "%s of %s: the operator gave non-finite values (NaN or Inf in "
+            "the probe inputs or the weights, e.g. a diverging run); "
+            "returning NaN.",
+            what,
+            type(operator).__name__,
+        )
+
+
 def _structured(operator: Operator, flat: tf.Tensor) -> list[list[tf.Tensor]]:
     return [
         linalg.unflatten_tensors(v, operator.shapes) for v in tf.unstack(flat)
@@ -72,6 +91,9 @@ def eigenpairs(
     start_vector: Sequence[Any] | None = None,
 ) -> Eigenpairs:
     """Top or bottom k eigenpairs by Lanczos (see `linalg.eigsh`).
+
+    A non-finite operator gives NaN eigenvalues and NaN eigenvectors (with
+    a warning); a zero operator gives zero eigenvalues.
 
     Args:
         operator: e.g. a `HessianOperator`.
@@ -106,10 +128,9 @@ def eigenpairs(
             check_vector(start_vector, operator.shapes, operator.dtype)
         )
         result = compiled_solver(operator, key, run)(start)
-    return Eigenpairs(
-        np.asarray(result.eigenvalues, np.float64),
-        _structured(operator, result.eigenvectors),
-    )
+    eigenvalues = np.asarray(result.eigenvalues, np.float64)
+    _warn_if_nonfinite(operator, "eigenpairs", eigenvalues)
+    return Eigenpairs(eigenvalues, _structured(operator, result.eigenvectors))
 
 
 TRACE_METHODS = ("hutch++", "hutchinson")
@@ -122,7 +143,11 @@ def trace(
     method: str = "hutch++",
     seed: int = 0,
 ) -> float:
-    """Trace estimate by Hutch++ (default) or Hutchinson."""
+    """Trace estimate by Hutch++ (default) or Hutchinson.
+
+    Exact (from `dim` basis vectors) when `num_samples >= operator.dim`;
+    NaN with a warning for a non-finite operator.
+    """
     check_choice("method", method, TRACE_METHODS)
     estimator = {
         "hutch++": linalg.hutchpp_trace,
@@ -139,7 +164,9 @@ def trace(
             dtype=operator.dtype,
         ),
     )
-    return float(fn())
+    value = float(fn())
+    _warn_if_nonfinite(operator, "trace", value)
+    return value
 
 
 def spectral_density(
@@ -162,7 +189,9 @@ def spectral_density(
         seed: seed of the start vectors.
 
     Returns:
-        `(grid, density)` float64 arrays; the density integrates to 1.
+        `(grid, density)` float64 arrays; the density integrates to 1. A
+        non-finite operator gives a NaN density (and a NaN grid unless
+        `grid` is an array) with a warning.
     """
     num_runs = check_int("num_runs", num_runs, 1)
     num_iterations = min(
@@ -181,6 +210,7 @@ def spectral_density(
         ),
     )
     nodes, weights = fn()
+    _warn_if_nonfinite(operator, "spectral density", nodes)
     if isinstance(grid, (int, np.integer)):
         return linalg.spectral_density(
             nodes, weights, num_points=int(grid), sigma=sigma

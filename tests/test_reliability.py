@@ -1,0 +1,560 @@
+"""Degenerate requests and inputs: exact answers, NaN with one log line, or
+an `ArgumentError` that says how to fix the call; never another exception.
+
+References are numpy float64 on explicit matrices, or the full Hessian of a
+tiny model by `tape.jacobian` (`conftest.jacobian_hessian`); none comes from
+the code under test.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import build, data_for, flat, floatx, jacobian_hessian, twin
+
+import tf_breakeven as tfb
+from tf_breakeven import linalg, statistics
+from tf_breakeven.validation import ArgumentError
+
+# ------------------------------------------------------------ test matrices
+
+
+def _orthogonal(dim, seed):
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, dim)))
+    return q * np.sign(np.diag(r))
+
+
+def _with_spectrum(eigenvalues, seed):
+    eigenvalues = np.asarray(eigenvalues, np.float64)
+    q = _orthogonal(len(eigenvalues), seed)
+    matrix = (q * eigenvalues) @ q.T
+    return (matrix + matrix.T) / 2
+
+
+def _gaussian(dim, seed):
+    g = np.random.default_rng(seed).normal(size=(dim, dim))
+    return (g + g.T) / np.sqrt(2 * dim)
+
+
+# Small operators, where every solver parameter can reach the dimension.
+MATRICES = {
+    "dim1": lambda: np.array([[2.5]]),
+    "dim2": lambda: np.array([[1.0, 2.0], [2.0, -3.0]]),
+    "gaussian7": lambda: _gaussian(7, seed=1),
+    "repeated_and_zero9": lambda: _with_spectrum(
+        [3, 3, 3, 1, 0, 0, -2, -2, 5], seed=2
+    ),
+    "negative_definite5": lambda: _with_spectrum([-1, -2, -3, -4, -5], seed=3),
+    "rank_one8": lambda: _with_spectrum([4, 0, 0, 0, 0, 0, 0, 0], seed=4),
+}
+DTYPES = {"float32": tf.float32, "float64": tf.float64}
+# Rounding tolerance relative to the operator's scale.
+TOL = {tf.float32: 2e-5, tf.float64: 1e-11}
+
+
+def _matvec(matrix, dtype=tf.float64):
+    operator = tf.constant(matrix, dtype)
+    return lambda v: tf.linalg.matvec(operator, v)
+
+
+def _scale(matrix):
+    return max(1.0, float(np.abs(np.linalg.eigvalsh(matrix)).max()))
+
+
+def _beyond(dim):
+    """Counts at and beyond `dim`, including Hutch++'s old crash m // 3 > d."""
+    return sorted({dim, dim + 1, 2 * dim + 1, 3 * dim, 3 * dim + 4, 400})
+
+
+TRACE_CASES = [
+    pytest.param(estimator, name, m, id=f"{estimator}-{name}-m{m}")
+    for estimator in ("hutchpp", "hutchinson")
+    for name in MATRICES
+    for m in _beyond(MATRICES[name]().shape[0])
+]
+ESTIMATORS = {
+    "hutchpp": linalg.hutchpp_trace,
+    "hutchinson": linalg.hutchinson_trace,
+}
+
+
+# ------------------------------------- solver parameters at/beyond the dim
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("estimator, name, num_samples", TRACE_CASES)
+def test_more_probes_than_dimensions_give_the_exact_trace(
+    estimator, name, num_samples, dtype
+):
+    matrix = MATRICES[name]()
+    dim = matrix.shape[0]
+    if estimator == "hutchpp" and num_samples < 3:
+        pytest.skip("Hutch++ needs num_samples >= 3")
+    estimate = ESTIMATORS[estimator](
+        _matvec(matrix, dtype), dim, num_samples, seed=7, dtype=dtype
+    )
+    assert abs(float(estimate) - np.trace(matrix)) <= TOL[dtype] * (
+        dim * _scale(matrix)
+    )
+
+
+def test_trace_just_below_the_dimension_is_still_an_estimate():
+    # The exact path must not swallow the stochastic regime: with m < dim
+    # on a full-rank operator, different seeds give different estimates.
+    matrix = _gaussian(12, seed=9) + 3 * np.eye(12)
+    for estimator in ESTIMATORS.values():
+        estimates = {
+            float(estimator(_matvec(matrix), 12, 11, seed=s, dtype=tf.float64))
+            for s in range(4)
+        }
+        assert len(estimates) > 1
+
+
+def _residuals(matrix, values, vectors):
+    return np.linalg.norm(matrix @ vectors.T - vectors.T * values, axis=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize(
+    "extra", [0, 1, 50], ids=["m=dim", "m=dim+1", "m>>dim"]
+)
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("name", MATRICES)
+def test_eigsh_with_k_and_iterations_at_and_beyond_the_dimension(
+    name, which, extra, dtype
+):
+    matrix = MATRICES[name]()
+    dim = matrix.shape[0]
+    reference = np.linalg.eigvalsh(matrix)
+    if which == "largest":
+        reference = reference[::-1]
+    result = linalg.eigsh(
+        _matvec(matrix, dtype),
+        dim,
+        dim,
+        which=which,
+        num_iterations=dim + extra,
+        seed=3,
+        dtype=dtype,
+    )
+    values = result.eigenvalues.numpy().astype(np.float64)
+    vectors = result.eigenvectors.numpy().astype(np.float64)
+    tol = TOL[dtype] * _scale(matrix) * 10
+    np.testing.assert_allclose(values, reference, atol=tol)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=tol)
+    assert np.all(_residuals(matrix, values, vectors) <= 100 * tol)
+
+
+@pytest.mark.parametrize("name", MATRICES)
+def test_lanczos_at_the_dimension_recovers_every_eigenvalue(name):
+    matrix = MATRICES[name]()
+    dim = matrix.shape[0]
+    result = linalg.lanczos(_matvec(matrix), dim, dim, seed=5, dtype=tf.float64)
+    values, _ = linalg.tridiagonal_eigh(result.alphas, result.betas)
+    scale = _scale(matrix)
+    np.testing.assert_allclose(
+        values.numpy(), np.linalg.eigvalsh(matrix), atol=1e-11 * scale
+    )
+    basis = result.basis.numpy()
+    np.testing.assert_allclose(basis @ basis.T, np.eye(dim), atol=1e-11)
+
+
+def test_lanczos_beyond_the_dimension_is_an_argument_error():
+    with pytest.raises(ArgumentError, match=r"pass num_iterations <= dim"):
+        linalg.lanczos(_matvec(np.eye(3)), 3, 4, dtype=tf.float64)
+
+
+@pytest.mark.parametrize(
+    "extra", [0, 1, 50], ids=["m=dim", "m=dim+1", "m>>dim"]
+)
+@pytest.mark.parametrize("name", MATRICES)
+def test_slq_at_and_beyond_the_dimension_is_the_exact_spectrum(name, extra):
+    matrix = MATRICES[name]()
+    dim = matrix.shape[0]
+    nodes, weights = linalg.slq(
+        _matvec(matrix), dim, 3, dim + extra, seed=2, dtype=tf.float64
+    )
+    nodes, weights = nodes.numpy(), weights.numpy()
+    assert nodes.shape == weights.shape == (3, dim)  # clipped to dim
+    reference = np.linalg.eigvalsh(matrix)
+    for run in range(3):
+        np.testing.assert_allclose(
+            nodes[run], reference, atol=1e-10 * _scale(matrix)
+        )
+    assert np.all(weights >= 0)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_iterations", [0, 1, 10, 500])
+@pytest.mark.parametrize(
+    "name", ["dim1", "dim2", "negative_definite5", "rank_one8"]
+)
+def test_power_iteration_at_and_beyond_the_dimension(name, num_iterations):
+    matrix = MATRICES[name]()
+    dim = matrix.shape[0]
+    values = np.linalg.eigvalsh(matrix)
+    dominant = values[np.argmax(np.abs(values))]
+    result = linalg.power_iteration(
+        _matvec(matrix), dim, num_iterations=num_iterations, dtype=tf.float64
+    )
+    value = float(result.eigenvalues[0])
+    vector = result.eigenvectors.numpy()[0]
+    assert np.isfinite(value)
+    assert abs(np.linalg.norm(vector) - 1.0) < 1e-12
+    # The Rayleigh quotient of a unit vector lies within the spectrum.
+    assert values[0] - 1e-12 <= value <= values[-1] + 1e-12
+    if num_iterations == 500 or dim == 1:
+        assert abs(value - dominant) < 1e-9 * abs(dominant)
+
+
+def test_solvers_at_and_beyond_the_dimension_compile_with_xla():
+    matrix = MATRICES["repeated_and_zero9"]()
+    mv = _matvec(matrix)
+
+    @tf.function(jit_compile=True)
+    def solve():
+        return (
+            linalg.hutchpp_trace(mv, 9, 400, seed=1, dtype=tf.float64),
+            linalg.hutchinson_trace(mv, 9, 9, seed=1, dtype=tf.float64),
+            linalg.eigsh(mv, 9, 9, num_iterations=20, dtype=tf.float64),
+            linalg.slq(mv, 9, 2, 30, seed=1, dtype=tf.float64),
+        )
+
+    hutchpp, hutchinson, pairs, (nodes, _) = solve()
+    trace = np.trace(matrix)
+    assert abs(float(hutchpp) - trace) < 1e-11 * 9 * 5
+    assert abs(float(hutchinson) - trace) < 1e-11 * 9 * 5
+    reference = np.linalg.eigvalsh(matrix)
+    # XLA's eigh is less accurate than LAPACK (linalg's docstring).
+    np.testing.assert_allclose(
+        pairs.eigenvalues.numpy(), reference[::-1], atol=1e-8
+    )
+    np.testing.assert_allclose(nodes.numpy()[0], reference, atol=1e-8)
+
+
+# ------------------------------------------- a tiny model's full Hessian
+
+
+@pytest.fixture(scope="module")
+def mlp_hessian():
+    _, model64 = twin("mlp", seed=3)
+    x, y = data_for("mlp", n=12, seed=3)
+    hessian = jacobian_hessian(model64, x, y, training=True)
+    return model64, (x, y), hessian
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+@pytest.mark.parametrize("factor", [1, 2, 3, 8], ids=lambda f: f"m={f}d")
+def test_hessian_trace_with_more_probes_than_parameters(
+    mlp_hessian, method, factor
+):
+    model64, data, hessian = mlp_hessian
+    dim = hessian.shape[0]  # 51
+    estimate = tfb.hessian_trace(
+        model64, data, num_samples=factor * dim, method=method
+    )
+    scale = np.abs(np.linalg.eigvalsh(hessian)).sum()
+    assert abs(estimate - np.trace(hessian)) < 1e-10 * scale
+
+
+def test_hessian_trace_issue_example_75_parameters_400_probes():
+    # The reported crash: m // 3 = 133 > d = 75.
+    keras.utils.set_random_seed(0)
+    with floatx("float64"):
+        model = keras.Sequential(
+            [
+                keras.Input((2,)),
+                keras.layers.Dense(12, activation="tanh"),
+                keras.layers.Dense(3),
+            ]
+        )
+    model.compile(loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 2)), rng.normal(size=(10, 3))
+    params = [tf.constant(v.numpy()) for v in model.trainable_variables]
+    sizes = [int(np.prod(p.shape)) for p in params]
+    assert sum(sizes) == 75
+    base = tf.constant(flat(params))
+    with tf.GradientTape() as outer:
+        outer.watch(base)
+        with tf.GradientTape() as inner:
+            inner.watch(base)
+            parts = [
+                tf.reshape(p, v.shape)
+                for p, v in zip(tf.split(base, sizes), params)
+            ]
+            pred = model.stateless_call(parts, [], x)[0]
+            loss = tf.reduce_mean(tf.square(pred - y))
+        grad = inner.gradient(loss, base)
+    hessian = outer.jacobian(grad, base).numpy()
+    for method in ("hutch++", "hutchinson"):
+        estimate = tfb.hessian_trace(
+            model, (x, y), num_samples=400, method=method
+        )
+        assert abs(estimate - np.trace(hessian)) < 1e-10 * np.abs(
+            np.trace(hessian)
+        )
+
+
+def test_hessian_eigenvalues_with_k_and_iterations_beyond_the_dimension(
+    mlp_hessian,
+):
+    model64, data, hessian = mlp_hessian
+    dim = hessian.shape[0]
+    reference = np.linalg.eigvalsh(hessian)
+    scale = np.abs(reference).max()
+    top = tfb.hessian_eigenvalues(model64, data, k=dim, num_iterations=dim + 30)
+    np.testing.assert_allclose(top, reference[::-1], atol=1e-9 * scale)
+    bottom = tfb.hessian_eigenvalues(
+        model64, data, k=3, which="smallest", num_iterations=10 * dim
+    )
+    np.testing.assert_allclose(bottom, reference[:3], atol=1e-9 * scale)
+    grid, density = tfb.hessian_spectral_density(
+        model64, data, num_iterations=dim + 30, num_runs=2
+    )
+    assert np.all(np.isfinite(density))
+    assert abs(np.trapezoid(density, grid) - 1) < 1e-3
+
+
+# -------------------------------------------- NaN and Inf: NaN, one line
+
+
+def _nonfinite_matrix(kind):
+    matrix = MATRICES["gaussian7"]()
+    matrix[2, 2] = {"nan": np.nan, "inf": np.inf, "neg_inf": -np.inf}[kind]
+    return matrix
+
+
+SOLVERS = {
+    "eigsh": lambda mv, d: linalg.eigsh(mv, d, 2, dtype=tf.float64),
+    "eigsh_smallest_full": lambda mv, d: linalg.eigsh(
+        mv, d, d, which="smallest", dtype=tf.float64
+    ),
+    "slq": lambda mv, d: linalg.slq(mv, d, 2, 5, dtype=tf.float64),
+    "tridiagonal_eigh": lambda mv, d: linalg.tridiagonal_eigh(
+        *linalg.lanczos(mv, d, d, dtype=tf.float64)[:2]
+    ),
+    "power": lambda mv, d: linalg.power_iteration(mv, d, dtype=tf.float64),
+    "hutchpp": lambda mv, d: linalg.hutchpp_trace(mv, d, 6, dtype=tf.float64),
+    "hutchinson": lambda mv, d: linalg.hutchinson_trace(
+        mv, d, 3, dtype=tf.float64
+    ),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+@pytest.mark.parametrize("kind", ["nan", "inf", "neg_inf"])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solvers_on_a_non_finite_operator_return_nan(solver, kind, jit):
+    mv = _matvec(_nonfinite_matrix(kind))
+    fn = SOLVERS[solver]
+    if jit:
+        result = tf.function(lambda: fn(mv, 7), jit_compile=True)()
+    else:
+        result = fn(mv, 7)
+    values = tf.nest.flatten(result)[0].numpy()
+    assert np.all(np.isnan(values)), values
+
+
+def test_tridiagonal_eigh_guards_each_matrix_of_a_batch():
+    alphas = np.array([[1.0, 2.0, 3.0], [1.0, np.nan, 3.0]])
+    betas = np.array([[0.5, 0.5], [0.5, 0.5]])
+    values, vectors = linalg.tridiagonal_eigh(alphas, betas)
+    tri = np.diag(alphas[0]) + np.diag(betas[0], 1) + np.diag(betas[0], -1)
+    np.testing.assert_allclose(values[0], np.linalg.eigvalsh(tri), atol=1e-12)
+    assert np.all(np.isfinite(vectors[0]))
+    assert np.all(np.isnan(values[1])) and np.all(np.isnan(vectors[1]))
+
+
+def _poisoned(kind, where):
+    """The mlp and its data with one NaN/Inf in the inputs or the weights."""
+    model = build("mlp")
+    x, y = data_for("mlp", n=8)
+    x = x.astype("float32")
+    bad = {"nan": np.nan, "inf": np.inf}[kind]
+    if where == "inputs":
+        x[0, 1] = bad
+    else:
+        # The output layer's kernel: an Inf behind a tanh saturates it and
+        # leaves the gradients finite (and correctly so).
+        kernel = model.trainable_variables[2]
+        values = kernel.numpy()
+        values[0, 0] = bad
+        kernel.assign(values)
+    return model, (x, y)
+
+
+def _density(model, data, **kwargs):
+    return tfb.hessian_spectral_density(
+        model, data, num_iterations=10, **kwargs
+    )[1]
+
+
+MEASUREMENTS = {
+    "hessian_eigenvalues": lambda m, d: tfb.hessian_eigenvalues(m, d, k=2),
+    "hessian_eigenvectors": lambda m, d: flat(
+        tfb.hessian_eigenpairs(m, d, k=1).eigenvectors[0]
+    ),
+    "hessian_smallest": lambda m, d: tfb.hessian_eigenvalues(
+        m, d, k=1, which="smallest"
+    ),
+    "hessian_spectral_density": _density,
+    "hessian_density_on_a_grid": lambda m, d: _density(
+        m, d, grid=np.linspace(-1, 1, 5)
+    ),
+    "operator_trace": lambda m, d: tfb.HessianOperator(m, d).trace(),
+    "hessian_trace_hutchinson": lambda m, d: tfb.hessian_trace(
+        m, d, method="hutchinson", num_samples=5
+    ),
+    "xla_operator_eigenpairs": lambda m, d: (
+        tfb.HessianOperator(m, d, jit_compile=True).eigenpairs(k=2).eigenvalues
+    ),
+    "gradient_covariance_eigenvalues": lambda m, d: (
+        tfb.gradient_covariance_eigenpairs(m, d, k=2)[0]
+    ),
+    "gradient_covariance_eigenvectors": lambda m, d: flat(
+        tfb.gradient_covariance_eigenpairs(m, d, k=2)[1][0]
+    ),
+}
+
+
+def _warnings(caplog):
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "non-finite" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("where", ["inputs", "weights"])
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+@pytest.mark.parametrize("measurement", MEASUREMENTS)
+def test_non_finite_probe_gives_nan_and_one_log_line(
+    measurement, kind, where, caplog
+):
+    model, data = _poisoned(kind, where)
+    with caplog.at_level(logging.WARNING):
+        values = np.asarray(MEASUREMENTS[measurement](model, data))
+    assert values.size > 0 and np.all(np.isnan(values)), values
+    assert len(_warnings(caplog)) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_gradient_statistics_on_the_same_probe_agree_on_nan(kind):
+    # The reference behaviour the Hessian measurements now match.
+    model, data = _poisoned(kind, "inputs")
+    stats = tfb.gradient_statistics(model, data)
+    assert np.isnan(stats["grad_cov/lambda_1"])
+
+
+def test_finite_probe_logs_nothing(caplog):
+    model = build("mlp")
+    x, y = data_for("mlp", n=8)
+    data = (x.astype("float32"), y)
+    with caplog.at_level(logging.WARNING):
+        for measurement in MEASUREMENTS.values():
+            assert np.all(np.isfinite(measurement(model, data)))
+    assert _warnings(caplog) == []
+
+
+GRAMS = {
+    "nan_off_diagonal": lambda g: g.__setitem__((0, 1), np.nan),
+    "nan_one_sided": lambda g: g.__setitem__((1, 0), np.nan),
+    "inf_diagonal": lambda g: g.__setitem__((2, 2), np.inf),
+    "all_nan": lambda g: g.fill(np.nan),
+}
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("corrupt", GRAMS)
+def test_top_directions_on_a_non_finite_gram_return_nan(corrupt, centered):
+    rows = np.random.default_rng(0).normal(size=(4, 6))
+    gram = rows @ rows.T
+    GRAMS[corrupt](gram)
+    values, coefficients = statistics.top_directions(gram, 3, centered=centered)
+    assert values.shape == (3,) and coefficients.shape == (3, 4)
+    assert np.all(np.isnan(values)) and np.all(np.isnan(coefficients))
+
+
+# ---------------------------------------------- zero operators: zeros
+
+
+def _linear_loss(y_true, y_pred):
+    # Linear in the outputs of a linear model: the Hessian is exactly zero.
+    del y_true
+    return tf.reduce_sum(y_pred, axis=-1)
+
+
+def _zero_weight_probe():
+    _, model64 = twin("mlp", seed=2)
+    x, y = data_for("mlp", n=8, seed=2)
+    weights = np.zeros(8)
+    reference = jacobian_hessian(model64, x, y, True, sample_weight=weights)
+    assert not np.any(reference)
+    return model64, (x, y, weights), {}
+
+
+def _linear_model_probe():
+    keras.utils.set_random_seed(0)
+    with floatx("float64"):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).normal(size=(6, 4))
+    return model, (x, np.zeros((6, 3))), {"loss": _linear_loss}
+
+
+ZERO_PROBES = {
+    "all_zero_sample_weights": _zero_weight_probe,
+    "loss_linear_in_the_parameters": _linear_model_probe,
+}
+
+
+@pytest.mark.parametrize("probe", ZERO_PROBES)
+def test_zero_hessian_gives_finite_zeros(probe, caplog):
+    model, data, kwargs = ZERO_PROBES[probe]()
+    with caplog.at_level(logging.WARNING):
+        pairs = tfb.hessian_eigenpairs(model, data, k=2, **kwargs)
+        trace = tfb.hessian_trace(model, data, num_samples=6, **kwargs)
+        exact_trace = tfb.hessian_trace(model, data, num_samples=400, **kwargs)
+        grid, density = tfb.hessian_spectral_density(
+            model, data, num_iterations=5, **kwargs
+        )
+    np.testing.assert_array_equal(pairs.eigenvalues, [0.0, 0.0])
+    for vector in pairs.eigenvectors:
+        assert abs(np.linalg.norm(flat(vector)) - 1) < 1e-12
+    assert trace == 0.0 and exact_trace == 0.0
+    assert np.all(np.isfinite(grid)) and np.all(np.isfinite(density))
+    assert abs(np.trapezoid(density, grid) - 1) < 1e-3
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_solvers_on_the_zero_operator_give_zeros(dtype):
+    dim = 6
+    mv = _matvec(np.zeros((dim, dim)), dtype)
+    pairs = linalg.eigsh(mv, dim, 3, dtype=dtype)
+    np.testing.assert_array_equal(pairs.eigenvalues.numpy(), 0.0)
+    np.testing.assert_allclose(
+        np.linalg.norm(pairs.eigenvectors.numpy(), axis=1), 1.0, rtol=1e-6
+    )
+    nodes, weights = linalg.slq(mv, dim, 2, dim, dtype=dtype)
+    np.testing.assert_array_equal(nodes.numpy(), 0.0)
+    np.testing.assert_allclose(weights.numpy().sum(axis=1), 1.0, atol=1e-6)
+    power = linalg.power_iteration(mv, dim, dtype=dtype)
+    assert float(power.eigenvalues[0]) == 0.0
+    assert np.all(np.isfinite(power.eigenvectors.numpy()))
+    for m in (3, 5, 6, 50):
+        assert float(linalg.hutchpp_trace(mv, dim, m, dtype=dtype)) == 0.0
+        assert float(linalg.hutchinson_trace(mv, dim, m, dtype=dtype)) == 0.0
+    grid, density = linalg.spectral_density(nodes, weights)
+    assert np.all(np.isfinite(density))
+    assert abs(np.trapezoid(density, grid) - 1) < 1e-3
+
+
+def test_zero_gradients_give_no_covariance_directions():
+    model, data, _ = _zero_weight_probe()
+    values, vectors = tfb.gradient_covariance_eigenpairs(model, data, k=2)
+    assert values.shape == (0,) and vectors == []
