@@ -14,6 +14,9 @@ def get_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
             from `TF_CONFIG`), "tpu" (`TPUStrategy`).
         tpu: TPU address for "tpu": "" or "local" on a Cloud TPU VM, a
             name or grpc:// address otherwise.
+
+    Raises:
+        ValueError: unknown name, or "tpu" without a reachable TPU.
     """
     if name == "default":
         return tf.distribute.get_strategy()
@@ -22,16 +25,31 @@ def get_strategy(name: str, tpu: str = "") -> tf.distribute.Strategy:
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-            tpu=tpu or "local"
-        )
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
+        return _tpu_strategy(tpu or "local")
     raise ValueError(
         f"Unknown strategy {name!r}: use default, mirrored, multi_worker "
         "or tpu."
     )
+
+
+def _tpu_strategy(address: str) -> tf.distribute.Strategy:
+    """`TPUStrategy` on the TPU at `address`; ValueError if there is none."""
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu=address
+        )
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"--strategy=tpu found no TPU at --tpu={address!r} "
+            f"({type(err).__name__}: {first_line[:200]}). Run on a Cloud "
+            "TPU VM with --tpu=local, pass --tpu=<TPU name or grpc://"
+            "address>, or use --strategy=default or --strategy=mirrored "
+            "(GPUs or CPU)."
+        ) from err
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

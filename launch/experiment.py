@@ -32,7 +32,7 @@ import tf_breakeven as tfb
 from tf_breakeven import models
 from tf_breakeven.launch import config as config_lib
 from tf_breakeven.launch import data as data_lib
-from tf_breakeven.launch import distribute_utils
+from tf_breakeven.launch import distribute_utils, validation
 from tf_breakeven.launch.config import Config
 
 SUMMARY = "summary.json"
@@ -48,16 +48,18 @@ def is_done(workdir: str) -> bool:
 
 
 def _model_arguments(config: Config, spec: Any) -> dict:
+    """The zoo model's arguments: the dataset's sizes, then --model_arg.
+
+    With a `preset` (BERT) the preset fixes the architecture: only the
+    number of classes comes from the dataset.
+    """
     arguments = {"num_classes": spec.num_classes}
+    preset = "preset" in config.model_kwargs
     if getattr(spec, "input_shape", None) is not None:
         arguments["input_shape"] = tuple(spec.input_shape)
-    else:
+    elif not preset:
         arguments["vocabulary_size"] = spec.vocabulary_size
-        key = (
-            "max_sequence_length"
-            if config.model == "bert"
-            else ("sequence_length")
-        )
+        key = validation.sequence_argument(config.model)
         arguments[key] = spec.sequence_length
     arguments.update(config.model_kwargs)
     return arguments
@@ -211,6 +213,8 @@ def load_data(config: Config) -> Any:
         probe_fraction=config.probe_fraction,
         sequence_length=config.sequence_length,
         vocabulary_size=config.vocabulary_size,
+        # A BERT preset's tokenizer makes the ids its embedding knows.
+        preset=config.model_kwargs.get("preset"),
     )
 
 
@@ -238,7 +242,13 @@ def build_model(config: Config, spec: Any, total_steps: int) -> keras.Model:
 
 
 def build(config: Config, workdir: str) -> Run:
-    """Seeds, strategy, output directory and config.json, data, model."""
+    """Seeds, strategy, output directory and config.json, data, model.
+
+    Checks the configuration first (`tf_breakeven.launch.validation`: an
+    impossible one raises `absl.app.UsageError` before any data is read),
+    and against the data once it is loaded, before the model is built.
+    """
+    validation.check_config(config)
     os.makedirs(workdir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     strategy = distribute_utils.get_strategy(config.strategy, config.tpu)
@@ -256,11 +266,19 @@ def build(config: Config, workdir: str) -> Run:
     with open(os.path.join(outdir, "config.json"), "w") as f:
         f.write(config.to_json())
     spec = load_data(config)
+    validation.check_against_data(
+        config, spec.num_train, spec.num_probe, strategy.num_replicas_in_sync
+    )
     steps_per_epoch = config.steps_per_epoch or max(
         1, spec.num_train // config.batch_size
     )
     with _precision(config.precision), strategy.scope():
-        model = build_model(config, spec, steps_per_epoch * config.epochs)
+        try:
+            model = build_model(config, spec, steps_per_epoch * config.epochs)
+        except ValueError:
+            # A model too deep for the images: say which datasets fit.
+            validation.check_model_fits(config, spec.input_shape)
+            raise
     recorder = (
         tfb.Recorder(
             os.path.join(workdir, "records.jsonl"),
@@ -371,14 +389,35 @@ def write_summary(
     return summary
 
 
+def prepare(
+    config: Config, workdir: str
+) -> tuple[Run, list[keras.callbacks.Callback]]:
+    """`build` and the tracking callbacks: everything before training.
+
+    A `ValueError` from here is a configuration the run cannot take (the
+    launcher shows it as a usage error); errors while training are not.
+    """
+    run = build(config, workdir)
+    return run, tracking_callbacks(config, run.spec, run.recorder)
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict:
     """Runs one configuration; resumes if `workdir` holds a backup.
 
     Returns:
         The summary written to `workdir/summary.json` ({} off the chief).
     """
-    run = build(config, workdir)
-    callbacks = tracking_callbacks(config, run.spec, run.recorder)
+    run, callbacks = prepare(config, workdir)
+    return finish(run, config, callbacks, workdir)
+
+
+def finish(
+    run: Run,
+    config: Config,
+    callbacks: list[keras.callbacks.Callback],
+    workdir: str,
+) -> dict:
+    """Trains a `prepare`d run and writes its summary ({} off the chief)."""
     history = fit(run, config, callbacks)
     if not run.chief:
         return {}

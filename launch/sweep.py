@@ -96,19 +96,29 @@ def shard(points: list, index: int, count: int) -> list:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from tf_breakeven.launch.experiment import is_done, train_and_evaluate
+    from tf_breakeven.launch import experiment, validation
 
     base = train_flags.config_from_flags()
     points = shard(grid_points(), FLAGS.shard_index, FLAGS.num_shards)
+    runs = []
     for name, overrides in points:
-        workdir = os.path.join(FLAGS.workdir, name)
-        if is_done(workdir):
+        kwargs = {**base.model_kwargs, **overrides.pop("model_kwargs", {})}
+        try:
+            config = base.replace(model_kwargs=kwargs, **overrides)
+        except ValueError as err:
+            raise app.UsageError(f"grid point {name}: {err}") from None
+        validation.check_config(config)  # every point, before any runs
+        runs.append((os.path.join(FLAGS.workdir, name), config))
+    for workdir, config in runs:
+        if experiment.is_done(workdir):
             logging.info("Skipping finished run %s", workdir)
             continue
-        kwargs = {**base.model_kwargs, **overrides.pop("model_kwargs", {})}
-        config = base.replace(model_kwargs=kwargs, **overrides)
         logging.info("Running %s", workdir)
-        train_and_evaluate(config, workdir)
+        try:
+            run, callbacks = experiment.prepare(config, workdir)
+        except ValueError as err:  # see tf_breakeven.launch.train.main
+            raise app.UsageError(str(err)) from None
+        experiment.finish(run, config, callbacks, workdir)
         keras.backend.clear_session()
 
 

@@ -31,18 +31,38 @@ for _name in config_lib.define_flags(FLAGS):
 
 
 def config_from_flags() -> config_lib.Config:
-    """The `Config` of the parsed flags."""
-    return config_lib.from_flags(FLAGS)
+    """The checked `Config` of the parsed flags.
+
+    Raises:
+        app.UsageError: flag values no run can take
+            (`tf_breakeven.launch.validation.check_config`).
+    """
+    from tf_breakeven.launch import validation
+
+    try:
+        config = config_lib.from_flags(FLAGS)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    validation.check_config(config)
+    return config
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    from tf_breakeven.launch.experiment import train_and_evaluate
+    from tf_breakeven.launch import experiment
 
     config = config_from_flags()
-    summary = train_and_evaluate(config, FLAGS.workdir)
+    try:
+        # A ValueError before training is a configuration the run cannot
+        # take (a dataset not on disk, a model too deep for the images, no
+        # TPU): shown as a usage error, without a traceback. Errors while
+        # training keep theirs.
+        run, callbacks = experiment.prepare(config, FLAGS.workdir)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    summary = experiment.finish(run, config, callbacks, FLAGS.workdir)
     if summary:
         workdir = os.path.abspath(FLAGS.workdir)
         lines = [
