@@ -558,3 +558,67 @@ def test_zero_gradients_give_no_covariance_directions():
     model, data, _ = _zero_weight_probe()
     values, vectors = tfb.gradient_covariance_eigenpairs(model, data, k=2)
     assert values.shape == (0,) and vectors == []
+
+
+# ------------------------------------------- a diverging tracked run
+
+
+class _BatchLogs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches.append({k: float(v) for k, v in logs.items()})
+
+
+DIVERGING = {
+    "fused_gram": ({"gram": True, "microbatch_size": 2}, False, False),
+    "fused_gram_hessian": (
+        {"gram": True, "microbatch_size": 2, "hessian_every": 1},
+        False,
+        False,
+    ),
+    "hessian_only": ({"hessian_every": 1}, False, False),
+    "keras_pass_bn_gram_hessian": (
+        {"gram": True, "microbatch_size": 2, "hessian_every": 1},
+        True,
+        False,
+    ),
+    "fused_gram_hessian_xla": (
+        {"gram": True, "microbatch_size": 2, "hessian_every": 1},
+        False,
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DIVERGING)
+def test_diverging_tracked_fit_logs_nan_and_never_raises(case):
+    # Least squares on a Dense model at learning rate 50 diverges in a few
+    # steps (the reported `eigvalsh` crash of the tracked train step).
+    tracking, batch_norm, jit = DIVERGING[case]
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((4,))]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(1))
+    model = tfb.track(keras.Sequential(layers), every=1, **tracking)
+    model.compile(
+        optimizer=keras.optimizers.SGD(50.0), loss="mse", jit_compile=jit
+    )
+    assert model.fusable == (tracking.get("gram", False) and not batch_norm)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    logs = _BatchLogs()
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[logs])
+    keys = model.tracking_keys
+    assert len(logs.batches) == 24
+    assert all(np.isfinite(logs.batches[0][key]) for key in keys)
+    diverged = [b for b in logs.batches if np.isnan(b["loss"])]
+    assert diverged and np.isnan(logs.batches[-1]["loss"])
+    for values in diverged:
+        assert all(np.isnan(values[key]) for key in keys), values
+    if tracking.get("gram"):
+        assert any(key.startswith("batch/") for key in keys)
