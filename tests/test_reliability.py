@@ -622,3 +622,40 @@ def test_diverging_tracked_fit_logs_nan_and_never_raises(case):
         assert all(np.isnan(values[key]) for key in keys), values
     if tracking.get("gram"):
         assert any(key.startswith("batch/") for key in keys)
+
+
+# -------------------------------------------- impossible requests
+
+
+def _mlp_probe():
+    model = build("mlp")
+    x, y = data_for("mlp", n=8)
+    return model, (x.astype("float32"), y)
+
+
+IMPOSSIBLE = {
+    "eigsh_k_beyond_dim": lambda: linalg.eigsh(_matvec(np.eye(3)), 3, 4),
+    "lanczos_beyond_dim": lambda: linalg.lanczos(_matvec(np.eye(3)), 3, 4),
+    "hutchpp_two_samples": lambda: linalg.hutchpp_trace(
+        _matvec(np.eye(3)), 3, 2
+    ),
+    "eigsh_which": lambda: linalg.eigsh(_matvec(np.eye(3)), 3, which="middle"),
+    "density_sigma_nan_nodes": lambda: linalg.spectral_density(
+        [np.nan], [1.0], sigma=-1.0
+    ),
+    "hessian_k_beyond_dim": lambda: tfb.hessian_eigenvalues(
+        *_mlp_probe(), k=52
+    ),
+    "hessian_iterations_below_k": lambda: tfb.hessian_eigenvalues(
+        *_mlp_probe(), k=3, num_iterations=2
+    ),
+    "hessian_trace_two_samples": lambda: tfb.hessian_trace(
+        *_mlp_probe(), num_samples=2
+    ),
+}
+
+
+@pytest.mark.parametrize("call", IMPOSSIBLE.values(), ids=IMPOSSIBLE.keys())
+def test_impossible_requests_raise_an_argument_error_with_the_fix(call):
+    with pytest.raises(ArgumentError, match=r"[Pp]ass "):
+        call()

@@ -46,6 +46,11 @@ _BREAKDOWN_EPS_POWER = 2.0 / 3.0
 # while the Philox integer streams agree bitwise.
 _RNG_ALG = "philox"
 _RNG_BITS = 24
+# How to fix a Hutch++ call with too few matvecs.
+HUTCHPP_HINT = (
+    "Hutch++ splits its matvecs in three; pass num_samples >= 3, or use "
+    "Hutchinson (one matvec per probe)."
+)
 # Default Gaussian width of `spectral_density` as a fraction of the range.
 _SIGMA_FRACTION = 1e-2
 # Default grid padding of `spectral_density`, in units of sigma.
@@ -92,7 +97,7 @@ def flatten_tensors(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
         A 1-D tensor with `sum(t.size for t in tensors)` entries.
     """
     if len(tensors) == 0:
-        raise ValueError("`tensors` is empty; pass at least one tensor.")
+        raise ArgumentError("`tensors` is empty; pass at least one tensor.")
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
 
@@ -112,20 +117,20 @@ def unflatten_tensors(
     """
     shapes = [tf.TensorShape(s) for s in shapes]
     if not shapes:
-        raise ValueError("`shapes` is empty; pass at least one shape.")
+        raise ArgumentError("`shapes` is empty; pass at least one shape.")
     for shape in shapes:
         if not shape.is_fully_defined():
-            raise ValueError(
+            raise ArgumentError(
                 f"Shape {shape} is not fully defined; pass static shapes."
             )
     sizes = [shape.num_elements() for shape in shapes]
     flat = tf.convert_to_tensor(flat)
     if flat.shape.rank is not None and flat.shape.rank != 1:
-        raise ValueError(
+        raise ArgumentError(
             f"`flat` must be 1-D; got shape {flat.shape}. Flatten it first."
         )
     if flat.shape[0] is not None and flat.shape[0] != sum(sizes):
-        raise ValueError(
+        raise ArgumentError(
             f"`flat` has {flat.shape[0]} entries but `shapes` hold "
             f"{sum(sizes)}; pass the shapes the vector was flattened from."
         )
@@ -159,7 +164,7 @@ def as_flat_matvec(
 def _check_dtype(dtype: Any) -> tf.DType:
     dtype = tf.as_dtype(dtype)
     if not dtype.is_floating:
-        raise ValueError(
+        raise ArgumentError(
             f"`dtype` must be a floating dtype; got {dtype.name}. "
             "Pass tf.float32 or tf.float64."
         )
@@ -197,13 +202,13 @@ def _normal(shape, seed: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 def _apply(matvec: Matvec, vector: tf.Tensor, dim: int) -> tf.Tensor:
     out = tf.convert_to_tensor(matvec(vector))
     if not out.shape.is_compatible_with([dim]):
-        raise ValueError(
+        raise ArgumentError(
             f"`matvec` returned shape {out.shape} for an input of shape "
             f"[{dim}]; it must map [dim] to [dim] (use `as_flat_matvec` for "
             "operators over lists of tensors)."
         )
     if out.dtype != vector.dtype:
-        raise ValueError(
+        raise ArgumentError(
             f"`matvec` returned {out.dtype.name} for a {vector.dtype.name} "
             "input; pass the operator's dtype as `dtype`."
         )
@@ -236,7 +241,7 @@ def _unit_start(
         return random
     start = tf.cast(start_vector, dtype)
     if start.shape.num_elements() not in (None, dim):
-        raise ValueError(
+        raise ArgumentError(
             f"`start_vector` has shape {start.shape} but the operator "
             f"dimension is {dim}; pass a vector of {dim} entries."
         )
@@ -369,11 +374,14 @@ def tridiagonal_eigh(
     alphas = tf.cast(alphas, tf.float64)
     betas = tf.cast(betas, tf.float64)
     if alphas.shape.rank is None or alphas.shape.rank < 1:
-        raise ValueError("`alphas` must have a static rank >= 1.")
+        raise ArgumentError(
+            "`alphas` must have a static rank >= 1; pass the `alphas` of "
+            "a `LanczosResult`."
+        )
     m = alphas.shape[-1]
     num_betas = betas.shape[-1] if betas.shape.rank else None
     if m is not None and num_betas is not None and num_betas != m - 1:
-        raise ValueError(
+        raise ArgumentError(
             f"`betas` must have {m - 1} entries (len(alphas) - 1); got "
             f"{num_betas}."
         )
@@ -421,18 +429,19 @@ def eigsh_config(
     dim = check_int("dim", dim, 1)
     k = check_int("k", k, 1)
     if k > dim:
-        raise ValueError(
+        raise ArgumentError(
             f"k={k} exceeds the operator dimension {dim}; pass k <= dim."
         )
     if which not in ("largest", "smallest"):
-        raise ValueError(
-            f"`which` must be 'largest' or 'smallest'; got {which!r}."
+        raise ArgumentError(
+            f"`which` must be 'largest' or 'smallest'; got {which!r}. "
+            "Pass one of them."
         )
     if num_iterations is None:
         return min(dim, max(2 * k + 20, 30))
     num_iterations = check_int("num_iterations", num_iterations, 1)
     if num_iterations < k:
-        raise ValueError(
+        raise ArgumentError(
             f"num_iterations={num_iterations} is smaller than k={k}; pass "
             "num_iterations >= k (or None for the default)."
         )
@@ -643,7 +652,7 @@ def hutchpp_trace(
         Estimation", SOSA 2021.
     """
     dim = check_int("dim", dim, 1)
-    num_samples = check_int("num_samples", num_samples, 3)
+    num_samples = check_int("num_samples", num_samples, 3, hint=HUTCHPP_HINT)
     dtype = _check_dtype(dtype)
     if num_samples >= dim:
         return _exact_trace(matvec, dim, dtype)
@@ -760,12 +769,12 @@ def spectral_density(
     nodes = np.asarray(nodes, np.float64)
     weights = np.asarray(weights, np.float64)
     if nodes.shape != weights.shape or nodes.ndim not in (1, 2):
-        raise ValueError(
+        raise ArgumentError(
             f"`nodes` {nodes.shape} and `weights` {weights.shape} must have "
             "the same shape [num_runs, m] or [m]; pass `slq` outputs."
         )
     if nodes.size == 0:
-        raise ValueError("`nodes` is empty; pass `slq` outputs.")
+        raise ArgumentError("`nodes` is empty; pass `slq` outputs.")
     nodes, weights = np.atleast_2d(nodes), np.atleast_2d(weights)
     if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
         return _nan_density(grid, num_points, sigma)
@@ -776,7 +785,10 @@ def spectral_density(
             span = max(1.0, abs(high))
         sigma = _SIGMA_FRACTION * span
     if not sigma > 0:
-        raise ValueError(f"`sigma` must be > 0; got {sigma}.")
+        raise ArgumentError(
+            f"`sigma` must be > 0; got {sigma}. Pass None for 1% of the "
+            "spectral range."
+        )
     if isinstance(grid, (int, np.integer)):
         grid, num_points = None, int(grid)
     if grid is None:
@@ -785,7 +797,7 @@ def spectral_density(
         grid = np.linspace(low - pad, high + pad, num_points)
     grid = np.asarray(grid, np.float64)
     if grid.ndim != 1 or grid.size < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"`grid` must be 1-D and non-empty; got shape {grid.shape}."
         )
     z = (grid[:, None] - nodes.reshape(-1)[None, :]) / sigma
@@ -799,7 +811,10 @@ def _nan_density(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The NaN answer of `spectral_density`, after the same checks."""
     if sigma is not None and not sigma > 0:
-        raise ArgumentError(f"`sigma` must be > 0; got {sigma}.")
+        raise ArgumentError(
+            f"`sigma` must be > 0; got {sigma}. Pass None for 1% of the "
+            "spectral range."
+        )
     if isinstance(grid, (int, np.integer)):
         grid, num_points = None, int(grid)
     if grid is None:

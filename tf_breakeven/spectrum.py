@@ -149,6 +149,11 @@ def trace(
     NaN with a warning for a non-finite operator.
     """
     check_choice("method", method, TRACE_METHODS)
+    # Validate eagerly in Python before any tracing.
+    if method == "hutch++":
+        check_int("num_samples", num_samples, 3, hint=linalg.HUTCHPP_HINT)
+    else:
+        check_int("num_samples", num_samples, 1)
     estimator = {
         "hutch++": linalg.hutchpp_trace,
         "hutchinson": linalg.hutchinson_trace,
