@@ -11,12 +11,12 @@ import subprocess
 import sys
 
 import pytest
-from absl import app, flags
+from absl import app
 
 from tf_breakeven import models
 from tf_breakeven.launch import config as config_lib
 from tf_breakeven.launch import data as data_lib
-from tf_breakeven.launch import experiment, train, validation
+from tf_breakeven.launch import experiment, validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = [(m, d) for m in models.available() for d in data_lib.available()]
@@ -217,28 +217,6 @@ def test_checks_against_the_data_pass_for_the_default():
     validation.check_against_data(economy, 1437, 1, 1)
 
 
-def test_main_turns_setup_value_errors_into_usage_errors(tmp_path, monkeypatch):
-    """Setup errors lose their traceback; an error while training keeps it."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(["train", f"--workdir={tmp_path}"])
-
-    def bad_setup(config, workdir):
-        raise ValueError("Dataset 'cifar10' is not prepared")
-
-    monkeypatch.setattr(experiment, "prepare", bad_setup)
-    with pytest.raises(app.UsageError, match="is not prepared"):
-        train.main(["train"])
-
-    def bug(run, config, callbacks, workdir):
-        raise ValueError("a bug while training")
-
-    monkeypatch.setattr(experiment, "prepare", lambda c, w: (None, []))
-    monkeypatch.setattr(experiment, "finish", bug)
-    with pytest.raises(ValueError, match="a bug") as info:
-        train.main(["train"])
-    assert not isinstance(info.value, app.UsageError)
-
-
 @pytest.mark.parametrize(
     "arguments,expected",
     [
@@ -266,3 +244,15 @@ def test_cli_prints_a_usage_error_without_traceback(
     assert result.returncode == 1, result.stderr[-2000:]
     assert expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_build_checks_before_reading_data_and_names_what_fits(tmp_path):
+    """experiment.build (also the sweep's path) runs the same checks: the
+    static ones before the workdir or data, the model's fit when the real
+    build fails."""
+    with pytest.raises(app.UsageError, match="glue/mnli"):
+        experiment.build(config_lib.Config(model="bert"), str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+    config = config_lib.Config(model="densenet121", tracking="none")
+    with pytest.raises(app.UsageError, match="such as cifar10"):
+        experiment.build(config, str(tmp_path / "b"))
