@@ -254,10 +254,6 @@ class HessianOperator(ProbeOperator):
         return spectrum.spectral_density(self, **kwargs)
 
 
-def _operator(model, data, **kwargs) -> HessianOperator:
-    return HessianOperator(model, data, **kwargs)
-
-
 def hessian_vector_product(
     model: keras.Model,
     data: Any,
@@ -282,7 +278,7 @@ def hessian_vector_product(
     Returns:
         H v, a list of tensors shaped like `model.trainable_variables`.
     """
-    op = _operator(
+    op = HessianOperator(
         model,
         data,
         loss=loss,
@@ -318,7 +314,7 @@ def hessian_eigenpairs(
     Returns:
         `Eigenpairs(eigenvalues, eigenvectors)`.
     """
-    op = _operator(
+    op = HessianOperator(
         model,
         data,
         loss=loss,
@@ -367,7 +363,7 @@ def hessian_trace(
     `method` names the trace estimator; `hvp_method` is the `method` of
     `HessianOperator`.
     """
-    op = _operator(
+    op = HessianOperator(
         model,
         data,
         loss=loss,
@@ -399,7 +395,7 @@ def hessian_spectral_density(
     Returns:
         `(grid, density)`, float64 arrays for plotting; integrates to 1.
     """
-    op = _operator(
+    op = HessianOperator(
         model,
         data,
         loss=loss,

@@ -776,53 +776,46 @@ def spectral_density(
     if nodes.size == 0:
         raise ArgumentError("`nodes` is empty; pass `slq` outputs.")
     nodes, weights = np.atleast_2d(nodes), np.atleast_2d(weights)
+    _check_sigma(sigma)
     if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
-        return _nan_density(grid, num_points, sigma)
+        # A diverging operator: no range to span, a NaN density.
+        grid = _density_grid(grid, num_points, lambda n: np.full(n, np.nan))
+        return grid, np.full(grid.shape, np.nan)
     low, high = float(nodes.min()), float(nodes.max())
     if sigma is None:
         span = high - low
         if span <= 0:
             span = max(1.0, abs(high))
         sigma = _SIGMA_FRACTION * span
-    if not sigma > 0:
-        raise ArgumentError(
-            f"`sigma` must be > 0; got {sigma}. Pass None for 1% of the "
-            "spectral range."
-        )
-    if isinstance(grid, (int, np.integer)):
-        grid, num_points = None, int(grid)
-    if grid is None:
-        num_points = check_int("num_points", num_points, 2)
-        pad = _GRID_PAD_SIGMAS * sigma
-        grid = np.linspace(low - pad, high + pad, num_points)
-    grid = np.asarray(grid, np.float64)
-    if grid.ndim != 1 or grid.size < 1:
-        raise ArgumentError(
-            f"`grid` must be 1-D and non-empty; got shape {grid.shape}."
-        )
+    pad = _GRID_PAD_SIGMAS * sigma
+    grid = _density_grid(
+        grid, num_points, lambda n: np.linspace(low - pad, high + pad, n)
+    )
     z = (grid[:, None] - nodes.reshape(-1)[None, :]) / sigma
     kernel = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2.0 * np.pi))
     density = kernel @ weights.reshape(-1) / nodes.shape[0]
     return grid, density
 
 
-def _nan_density(
-    grid: Any, num_points: int, sigma: float | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The NaN answer of `spectral_density`, after the same checks."""
+def _check_sigma(sigma: float | None) -> None:
     if sigma is not None and not sigma > 0:
         raise ArgumentError(
             f"`sigma` must be > 0; got {sigma}. Pass None for 1% of the "
             "spectral range."
         )
+
+
+def _density_grid(
+    grid: Any, num_points: int, default: Callable[[int], np.ndarray]
+) -> np.ndarray:
+    """The evaluation grid: given, or `default(num_points)` points."""
     if isinstance(grid, (int, np.integer)):
         grid, num_points = None, int(grid)
     if grid is None:
-        num_points = check_int("num_points", num_points, 2)
-        grid = np.full(num_points, np.nan)
+        grid = default(check_int("num_points", num_points, 2))
     grid = np.asarray(grid, np.float64)
     if grid.ndim != 1 or grid.size < 1:
         raise ArgumentError(
             f"`grid` must be 1-D and non-empty; got shape {grid.shape}."
         )
-    return grid, np.full(grid.shape, np.nan)
+    return grid
