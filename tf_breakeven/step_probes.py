@@ -300,7 +300,8 @@ class PowerIteration(StepProbe):
 
     Every `every` steps, one power-iteration step on the current batch's
     Hessian (of the mean loss, replicas averaged), warm-started from the
-    previous direction; logs the Rayleigh quotient of that direction.
+    previous direction; logs the Rayleigh quotient of that direction. A
+    batch whose product is not finite logs NaN and leaves the direction.
     """
 
     keys = ("hessian/lambda_1_running",)
@@ -333,7 +334,10 @@ class PowerIteration(StepProbe):
         if replicated:
             hv = replica.all_reduce("mean", hv)
         norm = tf.norm(hv)
-        self.vector.assign(tf.where(due & (norm > 0), hv / norm, current))
+        # A zero, NaN or infinite product (a diverging batch) keeps the last
+        # good direction, so the estimate recovers with the next finite one.
+        usable = due & (norm > 0) & tf.math.is_finite(norm)
+        self.vector.assign(tf.where(usable, hv / norm, current))
         estimate = tf.cast(tf.reduce_sum(hv * current), tf.float64)
         (key,) = self.keys
         return {key: tf.where(due, estimate, previous[key])}

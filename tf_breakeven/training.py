@@ -31,10 +31,11 @@ pass), the probes before the update, the update, and the probes after it.
 
 Whether a step is tracked is a graph conditional on the optimizer's
 iteration counter (`every`), so nothing retraces. Tracking never changes
-the update beyond float roundoff: with the same seed, a TrackingModel
-follows the trajectory of a plain `keras.Model` bitwise on CPU, except on
-the fused Gram steps of stateless models, where it agrees to float32
-roundoff (tested). Under a
+the update beyond float32 roundoff: with the same seed, a TrackingModel
+follows the trajectory of a plain `keras.Model` to roundoff. Not bitwise:
+the update (Keras' own computation, or the mean of the fused pass's
+micro-batch gradients for stateless models) runs inside a larger graph,
+which grappler and oneDNN may fuse differently on different CPUs. Under a
 `tf.distribute` strategy each replica computes its share; gradients are
 all-reduced for the norm, sample gradients all-gathered for the Gram
 statistics, and Hessian-vector products averaged, so every replica holds
