@@ -4,24 +4,33 @@ One JSON object per measurement and line:
 `{"step": 120, "epoch": 1, "wall_time": 1.7e9, "source": "HessianSpectrum",
 "config": {...}, "hessian/lambda_1": 41.2, ...}` — metric keys at the top
 level, the probe configuration under "config". NaN is written as `NaN`
-(Python's json reads it back). Each line is flushed and fsync'ed, so a
-crash loses at most the line being written; `read_records` skips a
-half-written last line.
+(Python's json reads it back). Each line is written whole (short writes are
+continued) and fsync'ed, so a killed process loses at most the line being
+written; `read_records` skips a half-written last line, and the next write
+removes it first.
+
+Faults: a write that fails (a full disk, a read-only directory) truncates
+the file back to its last complete record and raises `RecordsError`, an
+`OSError` naming the file, the cause and the fix: the records before are
+intact and a run resumed from its checkpoint measures the lost steps again.
 
 Resuming: a run restarted from a checkpoint taken after step s calls
-`Recorder.resume(s)`, which rewrites the file without the records of steps
-after s (they will be measured again) and without a torn last line, so the
-file continues with no duplicated or lost steps.
+`Recorder.resume(s)`, which drops the records of steps after s (they will
+be measured again) and a torn last line, so the file continues with no
+duplicated or lost steps. The records kept are left byte for byte; when
+they are the start of the file (the usual case) the file is truncated in
+place, which needs no free space.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import logging
@@ -80,44 +89,193 @@ def _record(step, epoch, source, metrics, config, histograms, curves) -> dict:
     return record
 
 
-def _parse_lines(text: str, path: str) -> list[dict]:
-    lines = text.split("\n")
-    records = []
+class RecordsError(OSError):
+    """The records file could not be written; the records before are intact.
+
+    `errno`, `strerror` and `filename` are the cause's; the message names
+    the file, the cause and the fix.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _fix(code: int | None) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on its disk"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make its directory writable"
+    return "fix the cause"
+
+
+def records_error(path: str, error: OSError, doing: str) -> RecordsError:
+    """A `RecordsError` for `error` raised while `doing` `path`."""
+    cause = error.strerror or str(error)
+    fault = RecordsError(
+        f"could not {doing} {path}: {cause}. The records written before "
+        f"are intact; {_fix(error.errno)} and rerun with the same --workdir "
+        "(or from the same checkpoint) to resume."
+    )
+    fault.errno, fault.strerror, fault.filename = error.errno, cause, path
+    return fault
+
+
+class _Line(NamedTuple):
+    start: int  # byte offset of the line
+    end: int  # byte offset after its newline (or the end of the file)
+    record: dict | None  # None: a torn last line
+
+
+def _scan(data: bytes, path: str) -> list[_Line]:
+    """The non-empty lines of a records file; only the last may be torn."""
+    lines, start = [], 0
+    while start < len(data):
+        newline = data.find(b"\n", start)
+        end = len(data) if newline < 0 else newline + 1
+        if data[start:end].strip():
+            lines.append(_Line(start, end, None))
+        start = end
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i >= len(lines) - 2:  # torn last line of a crashed run
-                logging.warning("Skipping a half-written last line in %s", path)
-                continue
-            raise ValueError(
-                f"{path}: line {i + 1} is not valid JSON; the file is "
-                "corrupted beyond a torn last line."
-            ) from None
-    return records
+            lines[i] = line._replace(
+                record=json.loads(data[line.start : line.end])
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if i < len(lines) - 1:
+                number = data.count(b"\n", 0, line.start) + 1
+                raise ValueError(
+                    f"{path}: line {number} is not valid JSON; the file is "
+                    "corrupted beyond a torn last line."
+                ) from None
+            logging.warning("Skipping a half-written last line in %s", path)
+    return lines
+
+
+def _read_bytes(path: str) -> bytes:
+    if not os.path.exists(path):
+        return b""
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def read_records(path: str | os.PathLike, source: str | None = None) -> list:
     """Records of a JSONL file, optionally only those of one `source`."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        records = _parse_lines(f.read(), path)
+    records = [
+        line.record
+        for line in _scan(_read_bytes(path), path)
+        if line.record is not None
+    ]
     if source is not None:
         records = [r for r in records if r.get("source") == source]
     return records
 
 
-def _fsync_append(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _complete_length(fd: int) -> int:
+    """Size of the file up to its last newline (a torn tail excluded)."""
+    end = os.fstat(fd).st_size
+    while end > 0:
+        chunk = os.pread(fd, min(end, 1 << 16), end - min(end, 1 << 16))
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return end - len(chunk) + newline + 1
+        end -= len(chunk)
+    return 0
+
+
+def _repair_tail(fd: int, path: str) -> int:
+    """Ends the file after a complete line; returns its size."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    complete = _complete_length(fd)
+    tail = os.pread(fd, size - complete, complete)
     try:
-        os.write(fd, line.encode("utf-8"))
+        json.loads(tail)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logging.warning("Removing a half-written last line of %s", path)
+        os.ftruncate(fd, complete)
+        return complete
+    _write_all(fd, b"\n")  # a whole record without its newline
+    return size + 1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # not seen on Linux; never loop forever
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _fsync_append(path: str, line: str) -> None:
+    """Appends one whole line, fsync'ed; on failure, truncates it away."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = _repair_tail(fd, path)
+        try:
+            _write_all(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        except OSError:
+            try:  # leave no partial line behind
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError:
+                pass  # a torn last line: skipped when read, then repaired
+            raise
+    finally:
+        os.close(fd)
+
+
+def _truncate(path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _rewrite(path: str, data: bytes, lines: list[_Line]) -> None:
+    """Replaces `path` atomically by `lines` of `data`, bytes unchanged."""
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for line in lines:
+                chunk = data[line.start : line.end]
+                f.write(chunk if chunk.endswith(b"\n") else chunk + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def drop_after(path: str, step: int) -> int:
+    """Drops the records of steps after `step` and a torn last line.
+
+    Returns the number of records dropped. Kept records are unchanged byte
+    for byte; if they start the file it is truncated in place.
+    """
+    data = _read_bytes(path)
+    lines = _scan(data, path)
+    kept = [
+        line
+        for line in lines
+        if line.record is not None and int(line.record.get("step", 0)) <= step
+    ]
+    if len(kept) == len(lines):
+        return 0
+    if all(a is b for a, b in zip(kept, lines)):
+        _truncate(path, kept[-1].end if kept else 0)
+    else:
+        _rewrite(path, data, kept)
+    return sum(line.record is not None for line in lines) - len(kept)
 
 
 class Recorder:
@@ -140,9 +298,13 @@ class Recorder:
             None if tensorboard_dir is None else os.fspath(tensorboard_dir)
         )
         if self.path:
-            os.makedirs(
-                os.path.dirname(os.path.abspath(self.path)), exist_ok=True
-            )
+            directory = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as error:
+                raise records_error(
+                    self.path, error, "create the directory of"
+                ) from error
         self._writer = None
         self._resumed_at: int | None = None
 
@@ -154,30 +316,32 @@ class Recorder:
         return self._writer
 
     def resume(self, step: int) -> None:
-        """Drops records after `step` (and a torn last line); idempotent."""
+        """Drops records after `step` (and a torn last line); idempotent.
+
+        Raises:
+            RecordsError: the file could not be rewritten (it is unchanged
+                or, truncated in place, holds the records up to `step`).
+        """
         if self._resumed_at == step:
             return
+        if self.path:
+            try:
+                dropped = drop_after(self.path, step)
+            except OSError as error:
+                raise records_error(
+                    self.path,
+                    error,
+                    f"drop the records after the restored step {step} from",
+                ) from error
+            if dropped:
+                logging.info(
+                    "Resuming at step %d: dropped %d records measured after "
+                    "it from %s.",
+                    step,
+                    dropped,
+                    self.path,
+                )
         self._resumed_at = step
-        if not self.path or not os.path.exists(self.path):
-            return
-        records = read_records(self.path)
-        kept = [r for r in records if int(r.get("step", 0)) <= step]
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        if len(kept) != len(records):
-            logging.info(
-                "Resuming at step %d: dropped %d records measured after it "
-                "from %s.",
-                step,
-                len(records) - len(kept),
-                self.path,
-            )
 
     def records(
         self, *, source: str | None = None, until_step: int | None = None
@@ -208,6 +372,9 @@ class Recorder:
     ) -> dict:
         """Appends one measurement; returns the record written.
 
+        Raises `RecordsError` if the line cannot be written (the file is
+        left with the records before it).
+
         Args:
             step, epoch, source: where the measurement belongs.
             metrics: scalar values, written at the top level of the record
@@ -224,7 +391,12 @@ class Recorder:
             step, epoch, source, metrics, config, histograms, curves
         )
         if self.path:
-            _fsync_append(self.path, json.dumps(record) + "\n")
+            try:
+                _fsync_append(self.path, json.dumps(record) + "\n")
+            except OSError as error:
+                raise records_error(
+                    self.path, error, f"write the step {int(step)} record to"
+                ) from error
         writer = self._tensorboard()
         if writer is not None:
             import tensorflow as tf
