@@ -48,7 +48,6 @@ DATASET_ARGUMENTS = {
     "sequence_length": "--sequence_length",
     "max_sequence_length": "--sequence_length",
 }
-_PROBE_ARGUMENT = "launcher_validation_probe"
 
 
 def model_inputs(model: str) -> str | None:
@@ -171,21 +170,13 @@ def check_model_arguments(config: config_lib.Config) -> None:
                 f"--model_arg={key}=... is set by the launcher from "
                 f"{DATASET_ARGUMENTS[key]}; drop it."
             )
-    # get_model checks the names before it builds anything: with one name
-    # that is surely unknown it always raises, and lists the unknown ones.
-    probe = {key: None for key in config.model_kwargs}
-    probe[_PROBE_ARGUMENT] = None
-    try:
-        models.get_model(config.model, **probe)
-    except ValueError as err:
-        message = str(err)
-        if f"[{_PROBE_ARGUMENT!r}]" in message:
-            return
+    accepted = models.accepted_arguments(config.model)
+    unknown = sorted(set(config.model_kwargs) - set(accepted))
+    if unknown:
         raise app.UsageError(
-            message.replace(f", {_PROBE_ARGUMENT!r}", "")
-            .replace(f"{_PROBE_ARGUMENT!r}, ", "")
-            .replace("unknown argument(s)", "--model_arg: unknown key(s)")
-        ) from None
+            f"--model_arg: unknown key(s) {unknown} for model "
+            f"{config.model!r}; accepted: {', '.join(accepted)}"
+        )
 
 
 def measure_every_steps(config: config_lib.Config) -> int | None:

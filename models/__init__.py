@@ -56,6 +56,7 @@ __all__ = [
     "WideResNet",
     "ZeroPadShortcut",
     "ZooModel",
+    "accepted_arguments",
     "available",
     "bert_classifier",
     "densenet_bc",
@@ -118,7 +119,16 @@ def tiny_config(name: str) -> dict:
     return dict(_entry(name).tiny)
 
 
-def _accepted(builder: Callable) -> tuple[set[str], bool]:
+def accepted_arguments(name: str) -> tuple[str, ...]:
+    """The keyword arguments `get_model(name, ...)` accepts, sorted.
+
+    The builder's named parameters (and, for a builder that passes
+    `**kwargs` on to `keras.Model`, `name` and `trainable`).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    builder = _entry(name).builder
     target = builder.__init__ if inspect.isclass(builder) else builder
     parameters = inspect.signature(target).parameters.values()
     names = {
@@ -127,8 +137,9 @@ def _accepted(builder: Callable) -> tuple[set[str], bool]:
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         and p.name != "self"
     }
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
-    return names, open_ended
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        names |= {"name", "trainable"}
+    return tuple(sorted(names))
 
 
 def get_model(name: str, *, tiny: bool = False, **kwargs: Any) -> keras.Model:
@@ -150,14 +161,12 @@ def get_model(name: str, *, tiny: bool = False, **kwargs: Any) -> keras.Model:
     """
     entry = _entry(name)
     arguments = {**entry.tiny, **kwargs} if tiny else dict(kwargs)
-    accepted, open_ended = _accepted(entry.builder)
-    # Keyword arguments Keras' model constructor takes besides `name`.
-    accepted |= {"name", "trainable"} if open_ended else set()
-    unknown = sorted(set(arguments) - accepted)
+    accepted = accepted_arguments(name)
+    unknown = sorted(set(arguments) - set(accepted))
     if unknown:
         raise ValueError(
             f"unknown argument(s) {unknown} for model {name!r}; accepted: "
-            f"{', '.join(sorted(accepted))}"
+            f"{', '.join(accepted)}"
         )
     return entry.builder(**arguments)
 

@@ -156,6 +156,31 @@ def test_possible_flags_pass(changes):
     validation.check_config(config_lib.Config(**changes))
 
 
+@pytest.mark.parametrize("name", models.available())
+def test_accepted_arguments_are_what_get_model_takes(name):
+    accepted = models.accepted_arguments(name)
+    assert list(accepted) == sorted(accepted)
+    # Every tiny config key is accepted, and get_model refuses a key that
+    # is not (naming the accepted ones).
+    assert set(models.tiny_config(name)) <= set(accepted)
+    with pytest.raises(ValueError, match="no_such_argument") as info:
+        models.get_model(name, no_such_argument=1)
+    assert ", ".join(accepted) in str(info.value)
+    # The launcher's --model_arg check names the same keys.
+    config = config_lib.Config(model=name, model_kwargs={"nope": 1})
+    with pytest.raises(app.UsageError, match="'nope'") as info:
+        validation.check_model_arguments(config)
+    assert ", ".join(accepted) in str(info.value)
+
+
+def test_accepted_arguments_of_a_builder_with_model_kwargs():
+    assert {"filters", "dense_units", "name", "trainable"} <= set(
+        models.accepted_arguments("simple_cnn")
+    )
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        models.accepted_arguments("vgg")
+
+
 def test_bert_preset_gives_only_the_number_of_classes():
     config = config_lib.Config(
         model="bert", dataset="glue/mnli", model_kwargs={"preset": "/p"}
