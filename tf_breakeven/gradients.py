@@ -87,11 +87,15 @@ def _concat_batches(batches: list[Batch]) -> Batch:
     if all(w is None for w in weights):
         weight = None
     else:
+        # float64 weights stay float64 (a float32 cast would round them
+        # for float64 models); the loss casts them to the model's dtype.
+        wide = any(w is not None and w.dtype == tf.float64 for w in weights)
+        dtype = tf.float64 if wide else tf.float32
         weight = tf.concat(
             [
-                tf.ones([tf.nest.flatten(b.x)[0].shape[0]], tf.float32)
+                tf.ones([tf.nest.flatten(b.x)[0].shape[0]], dtype)
                 if w is None
-                else tf.cast(w, tf.float32)
+                else tf.cast(w, dtype)
                 for b, w in zip(batches, weights)
             ],
             axis=0,
