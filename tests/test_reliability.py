@@ -14,7 +14,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import build, data_for, flat, floatx, jacobian_hessian, twin
+from conftest import (
+    build,
+    data_for,
+    flat,
+    floatx,
+    jacobian_hessian,
+    plain_gradient,
+    twin,
+    unflat,
+)
 
 import tf_breakeven as tfb
 from tf_breakeven import linalg, statistics
@@ -659,3 +668,330 @@ IMPOSSIBLE = {
 def test_impossible_requests_raise_an_argument_error_with_the_fix(call):
     with pytest.raises(ArgumentError, match=r"[Pp]ass "):
         call()
+
+
+# ------------------------------- every measurement on degenerate probes
+#
+# The float64 mlp on probes of one example, one batch (as a tuple and as a
+# one-element dataset), a dataset whose last batch is ragged (with and
+# without sample weights), all-zero sample weights and identical examples.
+# References: the full Hessian by `tape.jacobian`, per-sample gradients by a
+# Python loop of plain gradients, per-example curvature by nested tapes in a
+# scalar step t, covariance eigenpairs by numpy on the explicit P x P K, and
+# the statistics by the numpy `statistics.gram_statistics` of the reference
+# Gram matrix.
+
+
+def _probe_arrays(name):
+    x, y = data_for("mlp", n=10, seed=5)
+    weights = np.random.default_rng(5).uniform(0.0, 2.0, 10)
+    weights[[1, 6]] = 0.0
+    return {
+        "one_example": (x[:1], y[:1], None, None),
+        "one_batch": (x[:8], y[:8], None, None),
+        "one_batch_dataset": (x[:8], y[:8], None, 8),
+        "ragged_dataset": (x, y, None, 4),
+        "weighted_ragged_dataset": (x, y, weights, 4),
+        "zero_weights": (x[:8], y[:8], np.zeros(8), None),
+        "identical_examples": (
+            np.repeat(x[:1], 8, axis=0),
+            np.repeat(y[:1], 8),
+            None,
+            None,
+        ),
+    }[name]
+
+
+PROBES = (
+    "one_example",
+    "one_batch",
+    "one_batch_dataset",
+    "ragged_dataset",
+    "weighted_ragged_dataset",
+    "zero_weights",
+    "identical_examples",
+)
+
+
+def _probe_data(x, y, weights, batch):
+    parts = (x, y) if weights is None else (x, y, weights)
+    if batch is None:
+        return parts
+    return tf.data.Dataset.from_tensor_slices(parts).batch(batch)
+
+
+_CACHE = {}
+
+
+def _cached(key, build_fn):
+    if key not in _CACHE:
+        _CACHE[key] = build_fn()
+    return _CACHE[key]
+
+
+def _model64():
+    return _cached("model64", lambda: twin("mlp", seed=5)[1])
+
+
+def _reference_rows(model64, x, y, weights, microbatch_size):
+    params = [tf.constant(v.numpy()) for v in model64.trainable_variables]
+    rows = []
+    for start in range(0, len(y), microbatch_size):
+        part = slice(start, start + microbatch_size)
+        w = None if weights is None else weights[part]
+        rows.append(plain_gradient(model64, params, x[part], y[part], True, w))
+    return np.stack(rows)
+
+
+def _reference_curvature(model64, x, y, weights, direction):
+    """e^T H_i e for every example: d^2/dt^2 of w_i l_i(theta + t e)."""
+    base = [tf.constant(v.numpy()) for v in model64.trainable_variables]
+    steps = [tf.constant(d) for d in unflat(direction, model64)]
+    t = tf.constant(0.0, tf.float64)
+    with tf.GradientTape() as outer:
+        outer.watch(t)
+        with tf.GradientTape() as inner:
+            inner.watch(t)
+            params = [b + t * s for b, s in zip(base, steps)]
+            y_pred = model64.stateless_call(params, [], x, training=True)[0]
+            losses = keras.losses.sparse_categorical_crossentropy(
+                y, y_pred, from_logits=True
+            )
+            if weights is not None:
+                losses = losses * weights
+        first = inner.jacobian(losses, t)
+    return outer.jacobian(first, t).numpy()
+
+
+class _Reference:
+    """Everything exact about one probe of the float64 mlp."""
+
+    def __init__(self, name):
+        model = _model64()
+        self.x, self.y, self.weights, batch = _probe_arrays(name)
+        self.data = _probe_data(self.x, self.y, self.weights, batch)
+        self.hessian = jacobian_hessian(
+            model, self.x, self.y, True, sample_weight=self.weights
+        )
+        self.eigenvalues = np.linalg.eigvalsh(self.hessian)
+        self.scale = max(1.0, float(np.abs(self.eigenvalues).max()))
+        self.direction = np.random.default_rng(0).normal(size=len(self.hessian))
+        self.curvature = _reference_curvature(
+            model, self.x, self.y, self.weights, self.direction
+        )
+        self._rows = {}
+
+    def rows(self, microbatch_size):
+        if microbatch_size not in self._rows:
+            self._rows[microbatch_size] = _reference_rows(
+                _model64(), self.x, self.y, self.weights, microbatch_size
+            )
+        return self._rows[microbatch_size]
+
+
+def _reference(name):
+    return _cached(("reference", name), lambda: _Reference(name))
+
+
+def _close(got, expected, atol):
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), expected, rtol=0, atol=atol, equal_nan=True
+    )
+
+
+def _check_eigenpairs(model, ref):
+    dim = len(ref.hessian)
+    pairs = tfb.hessian_eigenpairs(model, ref.data, k=2, num_iterations=dim)
+    _close(pairs.eigenvalues, ref.eigenvalues[::-1][:2], 1e-9 * ref.scale)
+    vectors = np.stack([flat(v) for v in pairs.eigenvectors])
+    _close(np.linalg.norm(vectors, axis=1), [1.0, 1.0], 1e-9)
+    residuals = ref.hessian @ vectors.T - vectors.T * pairs.eigenvalues
+    _close(residuals, 0.0, 1e-7 * ref.scale)
+    return pairs.eigenvalues
+
+
+def _check_smallest(model, ref):
+    op = tfb.HessianOperator(model, ref.data)
+    values = op.eigenpairs(
+        k=1, which="smallest", num_iterations=op.dim
+    ).eigenvalues
+    _close(values, ref.eigenvalues[:1], 1e-9 * ref.scale)
+    return values
+
+
+def _check_matvec(model, ref):
+    vector = unflat(ref.direction, model)
+    got = flat(tfb.hessian_vector_product(model, ref.data, vector))
+    _close(got, ref.hessian @ ref.direction, 1e-10 * ref.scale * 10)
+    return got
+
+
+def _check_trace(model, ref):
+    value = tfb.hessian_trace(model, ref.data, num_samples=len(ref.hessian))
+    _close(value, np.trace(ref.hessian), 1e-9 * ref.scale * len(ref.hessian))
+    return value
+
+
+def _check_density(model, ref):
+    grid, density = tfb.hessian_spectral_density(
+        model, ref.data, num_iterations=len(ref.hessian), grid=400
+    )
+    assert np.all(np.isfinite(grid)) and np.all(np.isfinite(density))
+    assert abs(np.trapezoid(density, grid) - 1) < 1e-3
+    # The nodes are the exact eigenvalues: the grid spans them and the
+    # density's mean is a convex combination of them.
+    low, high = ref.eigenvalues[0], ref.eigenvalues[-1]
+    assert grid[0] <= low + 1e-9 * ref.scale
+    assert grid[-1] >= high - 1e-9 * ref.scale
+    mean = np.trapezoid(grid * density, grid)
+    slack = 1e-3 * ref.scale
+    assert low - slack <= mean <= high + slack
+    return density
+
+
+def _check_curvature(model, ref):
+    got = tfb.directional_curvature(
+        model, ref.data, unflat(ref.direction, model)
+    ).numpy()
+    size = max(1.0, float(np.abs(ref.curvature).max()))
+    _close(got, ref.curvature, 1e-9 * size)
+    # The mean of e^T H_i e is e^T H e.
+    quadratic = ref.direction @ ref.hessian @ ref.direction
+    _close(got.mean(), quadratic, 1e-9 * size)
+    return got
+
+
+def _check_gram(microbatch_size):
+    def check(model, ref):
+        gram = tfb.gradient_gram(
+            model, ref.data, microbatch_size=microbatch_size
+        )
+        rows = ref.rows(microbatch_size)
+        expected = rows @ rows.T
+        _close(gram, expected, 1e-10 * max(1.0, np.abs(expected).max()))
+        return gram
+
+    return check
+
+
+def _check_statistics(microbatch_size):
+    def check(model, ref):
+        stats = tfb.gradient_statistics(
+            model, ref.data, microbatch_size=microbatch_size
+        )
+        rows = ref.rows(microbatch_size)
+        expected = statistics.gram_statistics(
+            rows @ rows.T, microbatch_size=microbatch_size
+        )
+        assert stats.keys() == expected.keys()
+        for key, value in expected.items():
+            if np.isfinite(value):
+                assert abs(stats[key] - value) <= 1e-7 * max(1, abs(value)), (
+                    key,
+                    stats[key],
+                    value,
+                )
+            else:
+                assert stats[key] == value or (
+                    np.isnan(stats[key]) and np.isnan(value)
+                ), (key, stats[key], value)
+        return np.array(list(stats.values()))
+
+    return check
+
+
+def _check_covariance(model, ref):
+    values, vectors = tfb.gradient_covariance_eigenpairs(model, ref.data, k=3)
+    rows = ref.rows(1)
+    centered = rows - rows.mean(axis=0)
+    covariance = centered.T @ centered / len(rows)
+    expected = np.linalg.eigvalsh(covariance)[::-1]
+    top = max(float(expected[0]), 0.0)
+    # Documented floors: rtol 1e-5 of lambda_1, and 1e-13 of the largest
+    # squared sample-gradient norm (roundoff of centering).
+    floor = max(1e-5 * top, 1e-13 * float(np.max(np.sum(rows**2, axis=1))))
+    rank = int(np.sum(expected > floor))
+    assert len(values) == min(3, rank) == len(vectors)
+    _close(values, expected[: len(values)], 1e-9 * max(top, 1e-300))
+    for value, vector in zip(values, vectors):
+        u = flat(vector)
+        _close(np.linalg.norm(u), 1.0, 1e-6)
+        _close(covariance @ u, value * u, 1e-6 * top)
+    return values
+
+
+DEGENERATE_MEASUREMENTS = {
+    "hessian_eigenpairs": _check_eigenpairs,
+    "operator_smallest_eigenvalue": _check_smallest,
+    "hessian_vector_product": _check_matvec,
+    "hessian_trace": _check_trace,
+    "hessian_spectral_density": _check_density,
+    "directional_curvature": _check_curvature,
+    "gradient_gram": _check_gram(1),
+    "gradient_gram_microbatch_2": _check_gram(2),
+    "gradient_statistics": _check_statistics(1),
+    "gradient_statistics_microbatch_2": _check_statistics(2),
+    "gradient_covariance_eigenpairs": _check_covariance,
+}
+# (measurement, probe) -> what the ArgumentError's message must say.
+REFUSED = {
+    ("gradient_gram_microbatch_2", "one_example"): "pass a divisor of 1",
+    ("gradient_statistics", "one_example"): "larger probe set",
+    ("gradient_statistics_microbatch_2", "one_example"): "divisor of 1",
+    ("gradient_covariance_eigenpairs", "one_example"): "larger probe set",
+}
+
+
+def _library_warnings(caplog):
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "tf_breakeven" in r.pathname
+    ]
+
+
+@pytest.mark.parametrize("probe", PROBES)
+@pytest.mark.parametrize("measurement", DEGENERATE_MEASUREMENTS)
+def test_every_measurement_on_degenerate_probes(measurement, probe, caplog):
+    ref = _reference(probe)
+    check = DEGENERATE_MEASUREMENTS[measurement]
+    if (measurement, probe) in REFUSED:
+        with pytest.raises(ArgumentError, match=REFUSED[measurement, probe]):
+            check(_model64(), ref)
+        return
+    with caplog.at_level(logging.WARNING):
+        values = np.asarray(check(_model64(), ref), np.float64)
+    # NaN (a degenerate statistic) comes with exactly one log line.
+    expected_lines = 1 if np.any(np.isnan(values)) else 0
+    assert len(_library_warnings(caplog)) == expected_lines, caplog.text
+
+
+def test_degenerate_statistics_follow_the_documented_conventions():
+    # K = 0 for identical examples: zero covariance, NaN conditioning, an
+    # infinite norm ratio, and cosines of exactly 1 (the gradients are
+    # parallel). All-zero weights: zero gradients, every ratio NaN.
+    same = tfb.gradient_statistics(_model64(), _reference("identical_examples").data)
+    assert same["grad_cov/lambda_1"] == 0 and same["grad_cov/trace"] == 0
+    assert np.isnan(same["grad_cov/condition"])
+    assert np.isnan(same["grad_cov/trace_over_lambda_1"])
+    assert same["grad_cov/norm_ratio_top_k"] == np.inf
+    assert same["confusion/cos_min"] == pytest.approx(1.0, abs=1e-12)
+    assert same["grad/diversity"] == pytest.approx(1 / 8, rel=1e-12)
+    assert same["grad/noise_scale"] == 0
+    zero = tfb.gradient_statistics(_model64(), _reference("zero_weights").data)
+    assert zero["grad/norm"] == 0 and zero["grad_cov/lambda_1"] == 0
+    assert zero["confusion/num_zero_norm"] == 8
+    for key in ("confusion/cos_min", "grad/diversity", "grad/noise_scale"):
+        assert np.isnan(zero[key]), key
+
+
+def test_all_zero_weights_match_keras_reduction():
+    # Keras' `sum_over_batch_size` divides by the batch size, not by the
+    # sum of the weights, so all-zero weights give a loss of 0 (not 0/0).
+    model = _model64()
+    x, y, weights, _ = _probe_arrays("zero_weights")
+    keras_loss = model.compute_loss(
+        x=x, y=y, y_pred=model(x), sample_weight=weights
+    )
+    assert float(keras_loss) == 0.0
+    assert np.all(tfb.hessian_eigenvalues(model, (x, y, weights), k=2) == 0)

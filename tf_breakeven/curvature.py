@@ -41,7 +41,8 @@ class CurvatureKernel(Kernel):
 
     def _curvature(self, direction, x, y, sample_weight):
         fn = self.function
-        params, state = fn.read_parameters(), fn.read_state()
+        params, state = fn.primal_parameters(), fn.read_state()
+        direction = [tf.cast(d, fn.dtype) for d in direction]
         with tf.autodiff.ForwardAccumulator(params, direction) as outer:
             with tf.autodiff.ForwardAccumulator(params, direction) as inner:
                 losses = fn.per_example_losses(

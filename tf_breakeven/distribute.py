@@ -82,21 +82,22 @@ def concat_over_replicas(
 ) -> tf.Tensor:
     """`fn(*inputs)` with every input split along axis 0 over replicas.
 
-    Falls back to one call when the leading size does not divide evenly.
+    Shares differ by at most one row when the leading size does not divide
+    evenly (e.g. 5 samples on 2 replicas: 3 and 2; `strategy.gather` takes
+    uneven shares); with fewer rows than replicas it is one call.
     """
     size = tf.nest.flatten(inputs[0])[0].shape[0]
     replicas = 1 if strategy is None else strategy.num_replicas_in_sync
-    if strategy is None or size % replicas:
+    if strategy is None or size < replicas:
         return fn(*inputs)
-    step = size // replicas
+    bounds = [r * size // replicas for r in range(replicas + 1)]
 
     def cut(r):
+        start, stop = bounds[r], bounds[r + 1]
         return tuple(
             None
             if t is None
-            else tf.nest.map_structure(
-                lambda a: a[r * step : (r + 1) * step], t
-            )
+            else tf.nest.map_structure(lambda a: a[start:stop], t)
             for t in inputs
         )
 

@@ -35,16 +35,45 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
+from absl import logging
 from keras.src.backend.tensorflow import nn as _keras_tf_nn
 from keras.src.backend.tensorflow import numpy as _keras_tf_numpy
 
+from tf_breakeven.validation import ArgumentError
+
 LossLike = str | keras.losses.Loss | Callable[..., Any] | None
+
+_LOG_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def one_log_line() -> Iterator[None]:
+    """Holds back the measurements' own warnings (`measurement_warning`).
+
+    A caller that logs one line for a whole measurement (the callbacks'
+    NaN policy, `callbacks.base.compute_or_nan`) runs the measurement in
+    this context, so a NaN probe gives exactly one log line, not one per
+    solver call.
+    """
+    depth = getattr(_LOG_STATE, "depth", 0)
+    _LOG_STATE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _LOG_STATE.depth = depth
+
+
+def measurement_warning(message: str, *args: Any) -> None:
+    """`logging.warning` unless inside `one_log_line()`."""
+    if not getattr(_LOG_STATE, "depth", 0):
+        logging.warning(message, *args)
 
 
 def _exact_compute_moments(x, axes, keepdims):
@@ -126,7 +155,7 @@ def _batch_size(x: Any) -> int:
     first = tf.nest.flatten(x)[0]
     size = first.shape[0]
     if size is None:
-        raise ValueError(
+        raise ArgumentError(
             "Probe batches need a static batch dimension; materialize the "
             "data (e.g. `dataset.take(n).cache()`) or pass arrays."
         )
@@ -135,7 +164,7 @@ def _batch_size(x: Any) -> int:
 
 def _to_batch(element: Any, where: str) -> Batch:
     if not isinstance(element, (tuple, list)) or len(element) not in (2, 3):
-        raise ValueError(
+        raise ArgumentError(
             f"{where} must be a tuple `(x, y)` or `(x, y, sample_weight)`; "
             f"got {type(element).__name__}"
             + (
@@ -156,14 +185,14 @@ def _to_batch(element: Any, where: str) -> Batch:
         for t in tf.nest.flatten(part):
             t = tf.convert_to_tensor(t)
             if t.shape.rank == 0 or t.shape[0] != size:
-                raise ValueError(
+                raise ArgumentError(
                     f"{where}: `{name}` has shape {t.shape} but `x` has "
                     f"{size} examples; pass one {name} entry per example."
                 )
     if weight is not None:
         weight = tf.convert_to_tensor(weight)
         if weight.shape.rank != 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"{where}: `sample_weight` must have shape [batch], got "
                 f"{weight.shape}."
             )
@@ -189,7 +218,7 @@ def probe_batches(data: Any) -> list[Batch]:
     if isinstance(data, tf.data.Dataset):
         cardinality = int(data.cardinality())
         if cardinality == tf.data.INFINITE_CARDINALITY:
-            raise ValueError(
+            raise ArgumentError(
                 "The probe dataset is infinite (e.g. it ends in `.repeat()`);"
                 " pass a finite one, e.g. `dataset.take(num_batches)`."
             )
@@ -201,7 +230,7 @@ def probe_batches(data: Any) -> list[Batch]:
         batches = [_to_batch(data, "Probe data")]
     batches = [b for b in batches if _batch_size(b.x) > 0]
     if not batches:
-        raise ValueError("The probe data is empty; pass at least one example.")
+        raise ArgumentError("The probe data is empty; pass at least one example.")
     return batches
 
 
@@ -214,16 +243,20 @@ def _per_example_loss_fn(model: keras.Model, loss: LossLike) -> Callable:
     if loss is None:
         loss = getattr(model, "loss", None)
         if loss is None:
-            raise ValueError(
+            raise ArgumentError(
                 "The model has no loss: compile it (`model.compile(loss=...)`)"
                 " or pass `loss=` (a Keras loss, its name, or a callable "
                 "`fn(y_true, y_pred)` returning per-example losses)."
             )
         if isinstance(loss, (dict, list, tuple)):
-            raise ValueError(
+            # Keras keeps no public record of the compiled `loss_weights`,
+            # so the sum Keras minimizes cannot be rebuilt faithfully.
+            raise ArgumentError(
                 "The model was compiled with one loss per output; pass "
                 "`loss=fn(y_true, y_pred)` returning per-example losses of "
-                "the whole model."
+                "the whole model (e.g. the weighted sum over outputs of each "
+                "output's per-example loss; y_true and y_pred come "
+                "structured like the targets and the outputs)."
             )
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
@@ -232,9 +265,52 @@ def _per_example_loss_fn(model: keras.Model, loss: LossLike) -> Callable:
         return loss.call
     if callable(loss):
         return loss
-    raise ValueError(
+    raise ArgumentError(
         f"`loss` must be a Keras loss, its name or a callable; got {loss!r}."
     )
+
+
+# Keras losses that take one-hot labels, and those that take class indices.
+_ONE_HOT_LOSSES = (
+    "categorical_crossentropy",
+    "categorical_focal_crossentropy",
+    "categorical_hinge",
+)
+_INDEX_LOSSES = ("sparse_categorical_crossentropy",)
+
+
+def _loss_name(loss: Callable) -> str:
+    """The Keras loss function's name behind `loss` ("" if unknown)."""
+    owner = getattr(loss, "__self__", loss)  # `Loss.call` -> the Loss
+    return str(getattr(getattr(owner, "fn", owner), "__name__", ""))
+
+
+def check_labels(name: str, y: Any, y_pred: Any) -> None:
+    """Refuses class indices for a one-hot loss and one-hot labels for a
+    sparse one (static shapes; Keras would fail deep in a graph, or
+    broadcast silently)."""
+    if not (isinstance(y, tf.Tensor) and isinstance(y_pred, tf.Tensor)):
+        return
+    labels, outputs = y.shape, y_pred.shape
+    if labels.rank is None or outputs.rank is None or outputs.rank < 2:
+        return
+    classes = outputs[-1]
+    indices = labels.rank == outputs.rank - 1 or (
+        labels.rank == outputs.rank and labels[-1] == 1
+    )
+    if name in _ONE_HOT_LOSSES and indices and classes != 1:
+        raise ArgumentError(
+            f"`{name}` takes one-hot labels shaped like the outputs "
+            f"{outputs}, but the labels have shape {labels} (class "
+            "indices). Pass one-hot labels (`keras.utils.to_categorical(y, "
+            f"{classes})`) or use `sparse_categorical_crossentropy`."
+        )
+    if name in _INDEX_LOSSES and labels.rank == outputs.rank and not indices:
+        raise ArgumentError(
+            f"`{name}` takes class indices (shape {outputs[:-1]}), but the "
+            f"labels have shape {labels} (one-hot). Pass "
+            "`np.argmax(y, axis=-1)` or use `categorical_crossentropy`."
+        )
 
 
 def _sublayers(model: keras.Model) -> Iterator[keras.layers.Layer]:
@@ -277,21 +353,22 @@ class ModelFunction:
         include_regularization: bool = True,
     ):
         if not isinstance(model, keras.Model):
-            raise ValueError(
+            raise ArgumentError(
                 f"Expected a keras.Model, got {type(model).__name__}."
             )
         if not model.built:
-            raise ValueError(
+            raise ArgumentError(
                 "The model is not built; call it on a batch or build it "
                 "with `model.build(input_shape)` first."
             )
         if not model.trainable_variables:
-            raise ValueError("The model has no trainable variables.")
+            raise ArgumentError("The model has no trainable variables.")
         self._model_ref = weakref.ref(model)
         self.loss = loss
         self.training = bool(training)
         self.include_regularization = bool(include_regularization)
         self._loss = _per_example_loss_fn(model, loss)
+        self._loss_name = _loss_name(self._loss)
         dtypes = {v.dtype for v in model.trainable_variables}
         self.dtype = tf.float64 if "float64" in dtypes else tf.float32
 
@@ -327,6 +404,19 @@ class ModelFunction:
             for v in self.model.trainable_variables
         ]
 
+    def primal_parameters(self) -> list[tf.Tensor]:
+        """`read_parameters` in `dtype`: derivatives of a float16 or
+        bfloat16 model are taken in float32 (the model still computes in
+        its own dtypes, `per_example_losses` casts back)."""
+        return [tf.cast(p, self.dtype) for p in self.read_parameters()]
+
+    def _upcast(self, t: Any) -> Any:
+        # Keras' `Loss.__call__` computes a mixed-precision model's loss in
+        # float32; `Loss.call`, used here unreduced, would not.
+        if t.dtype.is_floating and t.dtype.size < self.dtype.size:
+            return tf.cast(t, self.dtype)
+        return t
+
     def read_state(self) -> list[tf.Tensor]:
         """The current non-trainable values (moving stats, seed states)."""
         return [
@@ -350,15 +440,19 @@ class ModelFunction:
         of BatchNormalization couple the examples in training mode). With
         `return_outputs`, returns `(losses, y_pred)`.
         """
+        variables = self.model.trainable_variables
+        params = [tf.cast(p, v.dtype) for p, v in zip(params, variables)]
         with exact_moments():
             y_pred, _, reg_losses = self.model.stateless_call(
-                list(params),
+                params,
                 list(state),
                 x,
                 training=self.training,
                 return_losses=True,
             )
-            losses = self._loss(y, y_pred)
+            outputs = tf.nest.map_structure(self._upcast, y_pred)
+            check_labels(self._loss_name, y, outputs)
+            losses = self._loss(y, outputs)
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         losses = tf.cast(losses, self.dtype)
         if losses.shape.rank == 0:
@@ -388,7 +482,7 @@ def dense(gradient: Any, like: tf.Tensor | None = None) -> tf.Tensor:
     """Densifies a gradient or tangent (IndexedSlices from Embedding)."""
     if gradient is None:
         if like is None:
-            raise ValueError("Cannot densify None without a reference.")
+            raise ArgumentError("Cannot densify None without a reference.")
         return tf.zeros_like(like)
     if isinstance(gradient, tf.IndexedSlices):
         return tf.convert_to_tensor(gradient)
@@ -402,23 +496,26 @@ def check_vector(
     if isinstance(vector, (tf.Tensor, tf.Variable)) or not isinstance(
         vector, (list, tuple)
     ):
-        raise ValueError(
+        raise ArgumentError(
             "`vector` must be a list of tensors shaped like "
             "`model.trainable_variables` "
             f"({len(shapes)} tensors); got {type(vector).__name__}. Use "
             "`tf_breakeven.linalg.unflatten_tensors` for a flat vector."
         )
     if len(vector) != len(shapes):
-        raise ValueError(
+        raise ArgumentError(
             f"`vector` has {len(vector)} tensors but the model has "
             f"{len(shapes)} trainable variables; pass one tensor per "
             "variable, in `model.trainable_variables` order."
         )
     out = []
     for i, (v, shape) in enumerate(zip(vector, shapes)):
+        v = tf.convert_to_tensor(v, dtype_hint=dtype)
+        if v.dtype != dtype and v.dtype.is_floating:
+            v = tf.cast(v, dtype)  # e.g. a float16 model's own vector
         v = tf.convert_to_tensor(v, dtype=dtype)
         if v.shape != shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"`vector[{i}]` has shape {v.shape} but trainable variable "
                 f"{i} has shape {shape}."
             )

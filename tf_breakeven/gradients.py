@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as logging_lib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ from tf_breakeven.functional import (
     ModelFunction,
     dense,
     has_batch_norm,
+    measurement_warning,
     pfor_safe_einsum,
     probe_batches,
 )
@@ -303,7 +305,7 @@ def _check_fits(kernel: GradientKernel, samples: Batch) -> None:
             *first,
         )
     except (ValueError, TypeError, tf.errors.OpError) as error:
-        raise ValueError(
+        raise ArgumentError(
             f"The probe data does not fit the model or the loss: {error}. "
             "Pass inputs shaped like the model's inputs and targets the "
             "loss accepts."
@@ -355,7 +357,7 @@ def chunk_size(n: int, dim: int, memory_budget: int) -> int:
     # Otherwise two chunks are held at once (block a, block b).
     size = int(memory_budget // (2 * per_sample))
     if size < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"One sample gradient needs {2 * per_sample} bytes ({dim} "
             f"parameters, two chunks) but `memory_budget={memory_budget}`; "
             "raise `memory_budget` or measure a smaller model."
@@ -532,7 +534,7 @@ def gradient_covariance_eigenpairs(
         rows.gram(), k, centered=centered
     )
     if not np.all(np.isfinite(eigenvalues)):
-        logging.warning(
+        measurement_warning(
             "gradient_covariance_eigenpairs: non-finite sample gradients "
             "(NaN or Inf in the probe inputs or the weights, e.g. a "
             "diverging run); returning NaN."
@@ -617,4 +619,26 @@ def statistics_from_gram(
             )
         )
     values = _STATISTICS[key](tf.convert_to_tensor(gram, tf.float64))
-    return {name: float(value) for name, value in values.items()}
+    stats = {name: float(value) for name, value in values.items()}
+    _log_nan(gram, stats)
+    return stats
+
+
+def _log_nan(gram: np.ndarray, stats: dict[str, float]) -> None:
+    """One warning when some statistics are NaN (never raises)."""
+    nan = sorted(key for key, value in stats.items() if math.isnan(value))
+    if not nan:
+        return
+    if not np.all(np.isfinite(gram)):
+        measurement_warning(
+            "gradient statistics: non-finite sample gradients (NaN or Inf "
+            "in the probe inputs or the weights, e.g. a diverging run); "
+            "returning NaN."
+        )
+    else:
+        measurement_warning(
+            "gradient statistics: %s are NaN: degenerate sample gradients "
+            "(K = 0 when all are identical, no cosines with fewer than two "
+            "nonzero ones, 0/0 when all are zero).",
+            nan,
+        )

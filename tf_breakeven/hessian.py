@@ -83,7 +83,9 @@ class HessianKernel(Kernel):
         number of examples for the Hessian of the mean.
         """
         fn = self.function
-        params, state = fn.read_parameters(), fn.read_state()
+        params, state = fn.primal_parameters(), fn.read_state()
+        dtypes = [v.dtype for v in vector]
+        vector = [tf.cast(v, fn.dtype) for v in vector]  # float16 models
         batch = Batch(x, y, sample_weight)
         if self.method == "forward_over_backward":
             with tf.autodiff.ForwardAccumulator(params, vector) as acc:
@@ -113,7 +115,10 @@ class HessianKernel(Kernel):
             tangents = outer.gradient(
                 inner_product, params, unconnected_gradients=_ZERO
             )
-        return [dense(t, p) for t, p in zip(tangents, params)]
+        return [
+            tf.cast(dense(t, p), dtype)
+            for t, p, dtype in zip(tangents, params, dtypes)
+        ]
 
 
 def hessian_kernel(

@@ -31,6 +31,7 @@ from tf_breakeven.functional import (
     num_examples,
     probe_batches,
 )
+from tf_breakeven.validation import ArgumentError
 
 _KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -106,7 +107,7 @@ def check_fits(losses: Callable[..., Any], batches: Sequence[Batch]) -> None:
         try:
             losses(*batch)
         except (ValueError, TypeError, tf.errors.OpError) as error:
-            raise ValueError(
+            raise ArgumentError(
                 "The probe data does not fit the model or the loss "
                 f"(batch signature {signature}): {error}. Pass inputs "
                 "shaped like the model's inputs and targets the loss "

@@ -21,10 +21,9 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from tf_breakeven import linalg
-from tf_breakeven.functional import check_vector
+from tf_breakeven.functional import check_vector, measurement_warning
 from tf_breakeven.validation import check_choice, check_int
 
 
@@ -66,7 +65,7 @@ def compiled_solver(
 def _warn_if_nonfinite(operator: Operator, what: str, values: Any) -> None:
     """One warning when a solver's answer is NaN/Inf (never raises)."""
     if not np.all(np.isfinite(values)):
-        logging.warning(
+        measurement_warning(
             "%s of %s: the operator gave non-finite values (NaN or Inf in "
             "the probe inputs or the weights, e.g. a diverging run); "
             "returning NaN.",

@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_breakeven.validation import check_int
+from tf_breakeven.validation import ArgumentError, check_int
 
 # Largest |G - G^T| accepted, relative to max |G|: loose enough for a float32
 # Gram accumulated in chunks, tight enough to reject a matrix that is not a
@@ -74,6 +74,12 @@ _SYMMETRY_RTOL = 1e-4
 # A sample gradient whose norm is at most this fraction of the largest sample
 # gradient norm counts as zero: its cosines are 0/0 (docs/pitfalls.md#P22).
 _ZERO_NORM_RTOL = 1e-12
+# A covariance eigenvalue at most this fraction of the largest squared
+# sample-gradient norm is roundoff of centering through G (float64 eps
+# times a few hundred), and counts as 0: identical sample gradients whose
+# rows differ in the last bit give K = 0 exactly, not a noise spectrum
+# with a meaningless condition number.
+_ROUNDOFF_RTOL = 1e-13
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -104,7 +110,9 @@ def covariance_eigenvalues(gram: Any, *, centered: bool = True) -> np.ndarray:
       ValueError: if gram is not a symmetric [n, n] matrix with n >= 2.
     """
     matrix = _validate_gram(gram)
-    values, _ = _eigh_descending(_covariance_matrix(matrix, centered))
+    values, _ = _eigh_descending(
+        _covariance_matrix(matrix, centered), _roundoff(matrix)
+    )
     return values
 
 
@@ -137,7 +145,7 @@ def covariance_statistics(
     matrix = _validate_gram(gram)
     rtol = _check_rtol(rtol)
     cov = _covariance_matrix(matrix, centered)
-    values, _ = _eigh_descending(cov)
+    values, _ = _eigh_descending(cov, _roundoff(matrix))
     return _spectrum_statistics(cov, values, rtol)
 
 
@@ -197,7 +205,9 @@ def top_directions(
     matrix = _validate_gram(gram)
     k = _check_positive_int(k, "k", "ask for at least one direction")
     rtol = _check_rtol(rtol)
-    values, vectors = _eigh_descending(_covariance_matrix(matrix, centered))
+    values, vectors = _eigh_descending(
+        _covariance_matrix(matrix, centered), _roundoff(matrix)
+    )
     return _directions(values, vectors, k, rtol, centered)
 
 
@@ -273,11 +283,11 @@ def _finite_statistics(
     n = matrix.shape[0]
     stats = {}
     cov = _covariance_matrix(matrix, centered=True)
-    values, vectors = _eigh_descending(cov)
+    values, vectors = _eigh_descending(cov, _roundoff(matrix))
     for name, value in _spectrum_statistics(cov, values, rtol).items():
         stats[f"grad_cov/{name}"] = value
     cov_u = _covariance_matrix(matrix, centered=False)
-    values_u, _ = _eigh_descending(cov_u)
+    values_u, _ = _eigh_descending(cov_u, _roundoff(matrix))
     for name, value in _spectrum_statistics(cov_u, values_u, rtol).items():
         stats[f"grad_cov_uncentered/{name}"] = value
 
@@ -382,10 +392,11 @@ def _tf_finite_statistics(
     """`_finite_statistics` in TF, for a finite symmetrized matrix."""
     n = tf.cast(tf.shape(matrix)[0], tf.float64)
     cov = _tf_covariance(matrix, centered=True)
-    values, vectors = _tf_eigh_descending(cov)
+    floor = _tf_roundoff(matrix)
+    values, vectors = _tf_eigh_descending(cov, floor)
     stats = _tf_spectrum_statistics(cov, values, rtol, "grad_cov/")
     cov_u = _tf_covariance(matrix, centered=False)
-    values_u, _ = _tf_eigh_descending(cov_u)
+    values_u, _ = _tf_eigh_descending(cov_u, floor)
     stats.update(
         _tf_spectrum_statistics(cov_u, values_u, rtol, "grad_cov_uncentered/")
     )
@@ -402,8 +413,8 @@ def _tf_finite_statistics(
     return stats
 
 
-def _shape_error(shape: Any) -> ValueError:
-    return ValueError(
+def _shape_error(shape: Any) -> ArgumentError:
+    return ArgumentError(
         "gram must be a square 2-D matrix [n, n] of inner products "
         f"G[i, j] = <g_i, g_j>, got shape {shape}; build it as "
         "X @ X.T from the [n, P] matrix X of flattened sample gradients."
@@ -417,7 +428,7 @@ def _validate_gram(gram: Any) -> np.ndarray:
         raise _shape_error(matrix.shape)
     n = matrix.shape[0]
     if n < 2:
-        raise ValueError(
+        raise ArgumentError(
             f"need at least 2 sample gradients, got a Gram matrix of n={n}; "
             "use a larger probe set or a smaller microbatch_size."
         )
@@ -427,7 +438,7 @@ def _validate_gram(gram: Any) -> np.ndarray:
         asymmetry = np.max(np.abs(matrix - matrix.T))
     scale = np.max(np.abs(matrix))
     if not asymmetry <= _SYMMETRY_RTOL * scale:
-        raise ValueError(
+        raise ArgumentError(
             "gram must be symmetric (G[i, j] = <g_i, g_j>), got "
             f"max |G - G^T| = {asymmetry:.3g} for max |G| = {scale:.3g}; "
             "pass the Gram matrix of the sample gradients, or symmetrize it "
@@ -458,7 +469,7 @@ def _check_positive_int(value: Any, name: str, hint: str) -> int:
 def _check_rtol(rtol: float) -> float:
     rtol = float(rtol)
     if not 0.0 <= rtol < 1.0:
-        raise ValueError(
+        raise ArgumentError(
             f"rtol must be in [0, 1), got {rtol}; it is the fraction of "
             "lambda_1 below which an eigenvalue counts as zero (default 1e-5)."
         )
@@ -472,13 +483,13 @@ def _quantile_names(quantiles: Sequence[float]) -> dict[str, float]:
         q = float(q)
         percent = round(q * 100) if np.isfinite(q) else -1
         if not 0.0 <= q <= 1.0 or abs(q * 100 - percent) > 1e-9:
-            raise ValueError(
+            raise ArgumentError(
                 f"quantiles must be whole percentages in [0, 1] such as 0.05, "
                 f"got {q}; metric keys name them by percent (cos_q05)."
             )
         name = f"confusion/cos_q{percent:02d}"
         if name in names:
-            raise ValueError(
+            raise ArgumentError(
                 f"quantile {q} is repeated in quantiles={tuple(quantiles)}; "
                 "pass each quantile once."
             )
@@ -520,8 +531,18 @@ def _covariance_matrix(gram: np.ndarray, centered: bool) -> np.ndarray:
     return gram / n
 
 
-def _eigh_descending(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs, descending, negatives clipped; NaN instead of raising."""
+def _roundoff(gram: np.ndarray) -> float:
+    """Covariance eigenvalues at most this are roundoff (`_ROUNDOFF_RTOL`)."""
+    if gram.size == 0 or not np.all(np.isfinite(gram)):
+        return 0.0
+    return _ROUNDOFF_RTOL * float(np.max(np.diag(gram)))
+
+
+def _eigh_descending(
+    matrix: np.ndarray, floor: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs, descending, values <= floor set to 0 (roundoff
+    negatives included); NaN instead of raising."""
     n = matrix.shape[0]
     if np.all(np.isfinite(matrix)):
         try:
@@ -529,7 +550,8 @@ def _eigh_descending(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         except np.linalg.LinAlgError:
             pass
         else:
-            return np.maximum(values[::-1], 0.0), vectors[:, ::-1]
+            values = values[::-1]
+            return np.where(values > floor, values, 0.0), vectors[:, ::-1]
     return np.full(n, np.nan), np.full((n, n), np.nan)
 
 
@@ -549,10 +571,10 @@ def _spectrum_statistics(
     return {
         "lambda_1": lambda_1,
         # Invariants of the matrix itself: exact, whatever the eigensolver.
-        "trace": float(np.trace(cov)),
+        "trace": max(float(np.trace(cov)), 0.0),
         "frobenius": float(np.linalg.norm(cov)),
         "trace_over_lambda_1": (
-            float(np.trace(cov)) / lambda_1 if rank else np.nan
+            max(float(np.trace(cov)), 0.0) / lambda_1 if rank else np.nan
         ),
         "condition": float(values[rank - 1]) / lambda_1 if rank else np.nan,
     }
@@ -648,14 +670,24 @@ def _tf_covariance(gram: tf.Tensor, centered: bool) -> tf.Tensor:
     return gram / n
 
 
-def _tf_eigh_descending(matrix: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Eigenpairs, descending, negatives clipped; NaN for a non-finite
-    matrix (decomposed as zeros, so eigh never sees a NaN)."""
+def _tf_roundoff(gram: tf.Tensor) -> tf.Tensor:
+    """`_roundoff` in TF (0 for an empty matrix)."""
+    diagonal = tf.linalg.diag_part(gram)
+    top = tf.reduce_max(tf.concat([diagonal, tf.zeros([1], gram.dtype)], 0))
+    return _ROUNDOFF_RTOL * top
+
+
+def _tf_eigh_descending(
+    matrix: tf.Tensor, floor: Any = 0.0
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Eigenpairs, descending, values <= floor set to 0; NaN for a
+    non-finite matrix (decomposed as zeros, so eigh never sees a NaN)."""
     finite = tf.reduce_all(tf.math.is_finite(matrix))
     values, vectors = tf.linalg.eigh(
         tf.where(finite, matrix, tf.zeros_like(matrix))
     )
-    values = tf.where(finite, tf.maximum(tf.reverse(values, [0]), 0.0), _NAN)
+    values = tf.reverse(values, [0])
+    values = tf.where(finite, tf.where(values > floor, values, 0.0), _NAN)
     vectors = tf.where(finite, tf.reverse(vectors, [1]), _NAN)
     return values, vectors
 
@@ -671,7 +703,7 @@ def _tf_spectrum_statistics(
     """`_spectrum_statistics` in TF, keys prefixed."""
     lambda_1 = values[0]
     rank = _tf_numerical_rank(values, rtol)
-    trace = tf.linalg.trace(cov)
+    trace = tf.maximum(tf.linalg.trace(cov), 0.0)
     lambda_star = tf.gather(values, tf.maximum(rank - 1, 0))
     stats = {
         "lambda_1": lambda_1,

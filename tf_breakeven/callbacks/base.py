@@ -32,6 +32,8 @@ import tensorflow as tf
 from absl import logging
 
 from tf_breakeven import recording, schedules
+from tf_breakeven.functional import one_log_line
+from tf_breakeven.validation import ArgumentError
 
 # Numerical failures of a measurement that mean "NaN", not "bug".
 MEASUREMENT_ERRORS = (
@@ -104,11 +106,14 @@ def compute_or_nan(
     """`measurement.compute`, with the NaN policy of the callbacks.
 
     A numerical failure (`MEASUREMENT_ERRORS`) gives NaN for every key and
-    NaN values are logged; neither raises: a diverging run is data.
+    NaN values are logged; neither raises: a diverging run is data. Either
+    way the measurement logs one line: the solvers' own warnings are held
+    back (`functional.one_log_line`).
     """
     name = name or type(measurement).__name__
     try:
-        result = measurement.compute(model, step)
+        with one_log_line():
+            result = measurement.compute(model, step)
     except MEASUREMENT_ERRORS as error:
         logging.warning(
             "%s at step %d failed (%s); recorded as NaN.", name, step, error
@@ -186,7 +191,7 @@ class MeasurementCallback(keras.callbacks.Callback):
         steps = params.get("steps")
         total = None if steps is None else int(steps) * epochs
         if not self.schedule.fires_within(total, epochs):
-            raise ValueError(
+            raise ArgumentError(
                 f"{self.source}: the schedule {self.schedule.get_config()} "
                 f"never fires in this run ({epochs} epochs of {steps} steps); "
                 "pass schedule='epoch' or steps within the run."

@@ -23,6 +23,7 @@ from tf_breakeven.callbacks.base import (
     Result,
 )
 from tf_breakeven.callbacks.hessian_spectrum import TopEigenpairs
+from tf_breakeven.validation import ArgumentError
 
 Hyperparameter = float | Callable[[int], float] | None
 
@@ -31,7 +32,7 @@ def read_learning_rate(optimizer: Any) -> float:
     """The learning rate of the optimizer's next update (schedules too)."""
     value = getattr(optimizer, "learning_rate", None)
     if value is None:
-        raise ValueError(
+        raise ArgumentError(
             f"BreakEven cannot read a learning rate from {optimizer!r}; use "
             "a keras.optimizers optimizer or pass `learning_rate=`."
         )
@@ -68,12 +69,12 @@ class StabilityMeasurement(Measurement):
         momentum: Hyperparameter = None,
     ):
         if criterion not in stability.CRITERIA:
-            raise ValueError(
+            raise ArgumentError(
                 f"`criterion` must be one of {stability.CRITERIA}; got "
                 f"{criterion!r}."
             )
         if criterion == "sgd" and (batch_size is None or dataset_size is None):
-            raise ValueError(
+            raise ArgumentError(
                 "criterion='sgd' needs the batch size S and training-set "
                 "size N: pass batch_size=... and dataset_size=...."
             )
@@ -116,7 +117,7 @@ class StabilityMeasurement(Measurement):
         self.hessian.setup(model, probe)
         optimizer = getattr(model, "optimizer", None)
         if self.learning_rate is None and optimizer is None:
-            raise ValueError(
+            raise ArgumentError(
                 "BreakEven needs a compiled model (to read the learning rate)"
                 " or `learning_rate=`."
             )
@@ -124,7 +125,7 @@ class StabilityMeasurement(Measurement):
             self.learning_rate, lambda: read_learning_rate(optimizer), 0
         )
         if not eta > 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"BreakEven: the learning rate is {eta}; need > 0."
             )
         if self.momentum is None and not isinstance(

@@ -22,7 +22,7 @@ from tf_breakeven.callbacks.base import (
     Probe,
     Result,
 )
-from tf_breakeven.validation import check_int
+from tf_breakeven.validation import ArgumentError, check_int
 
 
 class GramMeasurement(Measurement):
@@ -72,7 +72,7 @@ class GramMeasurement(Measurement):
         )
         n = tf.nest.flatten(samples.x)[0].shape[0]
         if n < 2:
-            raise ValueError(
+            raise ArgumentError(
                 f"The probe set gives {n} sample gradient(s) of "
                 f"{self.microbatch_size} examples; the statistics need at "
                 "least 2: use a larger probe set or a smaller "

@@ -16,7 +16,7 @@ from tf_breakeven.callbacks.base import (
     Result,
 )
 from tf_breakeven.hessian import HessianOperator
-from tf_breakeven.validation import check_int
+from tf_breakeven.validation import ArgumentError, check_int
 
 
 class TopEigenpairs(Measurement):
@@ -68,7 +68,7 @@ class TopEigenpairs(Measurement):
                 jit_compile=probe.jit_compile,
             )
         if self.k > self.operator.dim:
-            raise ValueError(
+            raise ArgumentError(
                 f"k={self.k} exceeds the {self.operator.dim} parameters of "
                 "the model; pass a smaller k."
             )
