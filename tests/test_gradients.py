@@ -133,6 +133,26 @@ def test_chunked_gram_equals_unchunked_and_honours_sample_weight(rng):
     assert rel_err(whole, rows @ rows.T) < 1e-5
 
 
+def test_float64_sample_weights_are_not_rounded_to_float32(rng):
+    """A float64 model's Gram with float64 weights is float64-exact.
+
+    Joining the probe batches once cast the weights to float32, a 3e-8
+    relative error in every sample gradient (caught by
+    tests/test_references.py). Reference: a loop of plain float64
+    gradients; 1e-12 leaves rounding room only.
+    """
+    model = build("mlp", "float64")
+    x, y = data_for("mlp", n=6)
+    w = rng.uniform(0.3, 2.0, size=6)  # not float32-representable
+    for data in (
+        (x, y, w),
+        tf.data.Dataset.from_tensor_slices((x, y, w)).batch(4),
+    ):
+        gram = tfb.gradient_gram(model, data)
+        rows = loop_gradients(model, x, y, w=w)
+        assert rel_err(gram, rows @ rows.T) < 1e-12
+
+
 def test_dataset_microbatches_span_batches_in_data_order():
     model = build("mlp")
     x, y = data_for("mlp", n=12)
