@@ -363,3 +363,65 @@ def test_kill_9_while_writing_many_records_then_resume(tmp_path):
     _write_steps(resumed, range(checkpoint + 1, checkpoint + 6))
     steps = [r["step"] for r in recording.read_records(path)]
     assert steps == list(range(1, checkpoint + 6))
+
+
+class _WeightNorm(tfb.callbacks.Measurement):
+    """Squared norm of the weights: a cheap, exact function of the state."""
+
+    def keys(self):
+        return ["weights/norm2"]
+
+    def compute(self, model, step):
+        norm2 = sum(float(np.sum(np.square(w))) for w in model.get_weights())
+        return tfb.callbacks.Result({"weights/norm2": norm2})
+
+
+def _fit(workdir, epochs=3):
+    """4 steps an epoch, measured every step, backed up every epoch."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+    y = x @ np.array([[1.0], [-2.0], [0.5]], "float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    callback = tfb.callbacks.MeasurementCallback(
+        _WeightNorm(), (x, y), schedule=1, recorder=workdir / "records.jsonl"
+    )
+    backup = keras.callbacks.BackupAndRestore(str(workdir / "backup"))
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback, backup],
+    )
+
+
+@pytest.mark.parametrize("failing_step", [6, 8])  # mid-epoch, epoch end
+def test_full_disk_stops_fit_clearly_and_a_rerun_resumes(
+    tmp_path, monkeypatch, failing_step
+):
+    _fit(tmp_path / "uninterrupted")
+    expected = recording.read_records(tmp_path / "uninterrupted/records.jsonl")
+    workdir = tmp_path / "run"
+    path = workdir / "records.jsonl"
+    _full_disk(monkeypatch, workdir, after=failing_step - 1)
+    with pytest.raises(recording.RecordsError) as error:
+        _fit(workdir)
+    message = str(error.value)
+    assert f"write the step {failing_step} record to {path}" in message
+    assert "No space left on device" in message
+    steps = [r["step"] for r in recording.read_records(path)]
+    assert steps == list(range(1, failing_step))  # none lost, none torn
+    monkeypatch.undo()  # space freed; the rerun resumes from the backup
+    rerun = time.time()
+    _fit(workdir)
+    got = recording.read_records(path)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    # Restored at the end of epoch 0 (step 4): the epoch whose record
+    # failed made no backup, even when it failed at its last step.
+    assert [r["wall_time"] > rerun for r in got] == [False] * 4 + [True] * 8
+    assert [r["weights/norm2"] for r in got] == [
+        r["weights/norm2"] for r in expected
+    ]
