@@ -1261,3 +1261,279 @@ def test_half_precision_callbacks_in_a_fit(policy):
     expected = tfb.gradient_statistics(reference, probe)["grad_cov/lambda_1"]
     got = callbacks[1].records[0]["grad_cov/lambda_1"]
     assert got == pytest.approx(expected, rel=HALF_TOLERANCE[policy])
+
+
+# ------------------------------- labels and losses; multi-output models
+
+
+def _reference_hessian(model64, x, y, per_example):
+    """Full float64 Hessian of mean(per_example(y, model(x))), by jacobian."""
+    variables = model64.trainable_variables
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    base = tf.constant(flat(variables))
+    with tf.GradientTape() as outer:
+        outer.watch(base)
+        with tf.GradientTape() as inner:
+            inner.watch(base)
+            params = [
+                tf.reshape(p, v.shape)
+                for p, v in zip(tf.split(base, sizes), variables)
+            ]
+            y_pred = model64.stateless_call(params, [], x, training=True)[0]
+            loss = tf.reduce_mean(per_example(y, y_pred))
+        grad = inner.gradient(loss, base)
+    return outer.jacobian(grad, base).numpy()
+
+
+def _reference_sample_gradients(model64, x, y, per_example):
+    rows = []
+    for i in range(len(x)):
+        part = tf.nest.map_structure(lambda t: t[i : i + 1], y)
+        params = [tf.constant(v.numpy()) for v in model64.trainable_variables]
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            y_pred = model64.stateless_call(params, [], x[i : i + 1])[0]
+            loss = tf.reduce_mean(per_example(part, y_pred))
+        rows.append(flat(tape.gradient(loss, params)))
+    return np.stack(rows)
+
+
+def _binary_model():
+    def build_fn():
+        keras.utils.set_random_seed(2)
+        with floatx("float64"):
+            return keras.Sequential(
+                [
+                    keras.Input((4,)),
+                    keras.layers.Dense(6, activation="tanh"),
+                    keras.layers.Dense(1),
+                ]
+            )
+
+    return _cached("binary_model", build_fn)
+
+
+def _labels(kind, n=8):
+    y = data_for("mlp", n=n, seed=5)[1]
+    return {
+        "int": y,
+        "one_hot": np.eye(3)[y],
+        "regression": np.random.default_rng(1).normal(size=(n, 3)),
+        "binary_int": y % 2,
+        "binary_float_column": (y % 2).astype("float64")[:, None],
+    }[kind]
+
+
+_SPARSE = keras.losses.sparse_categorical_crossentropy
+_BINARY = keras.losses.binary_crossentropy
+
+
+# name -> (model, loss= argument, labels, plain per-example reference)
+LABEL_CASES = {
+    "sparse_categorical_int": (
+        _model64,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "int",
+        lambda y, p: _SPARSE(y, p, from_logits=True),
+    ),
+    "categorical_one_hot": (
+        _model64,
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+        "one_hot",
+        # The same loss values: a check of the one-hot path by the sparse.
+        lambda y, p: _SPARSE(tf.argmax(y, -1), p, from_logits=True),
+    ),
+    "categorical_one_hot_by_name": (
+        _model64,
+        "categorical_crossentropy",
+        "one_hot",
+        lambda y, p: keras.losses.categorical_crossentropy(y, p),
+    ),
+    "mse_regression": (
+        _model64,
+        "mse",
+        "regression",
+        lambda y, p: tf.reduce_mean(tf.square(p - y), axis=-1),
+    ),
+    "binary_int_labels": (
+        _binary_model,
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        "binary_int",
+        lambda y, p: _BINARY(
+            tf.cast(y, tf.float64)[:, None], p, from_logits=True
+        ),
+    ),
+    "binary_float_column": (
+        _binary_model,
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        "binary_float_column",
+        lambda y, p: _BINARY(y, p, from_logits=True),
+    ),
+}
+
+
+def _label_probe(case):
+    model_fn, loss, labels, per_example = LABEL_CASES[case]
+    x = data_for("mlp", n=8, seed=5)[0]
+    return model_fn(), loss, (x, _labels(labels)), per_example
+
+
+@pytest.mark.parametrize("measurement", ["hessian", "gram"])
+@pytest.mark.parametrize("case", LABEL_CASES)
+def test_each_loss_with_its_labels_is_measured_exactly(case, measurement):
+    model, loss, (x, y), per_example = _label_probe(case)
+    if measurement == "hessian":
+        hessian = _reference_hessian(model, x, y, per_example)
+        reference = np.linalg.eigvalsh(hessian)[::-1][:2]
+        values = tfb.hessian_eigenvalues(
+            model, (x, y), k=2, loss=loss, num_iterations=len(hessian)
+        )
+    else:
+        rows = _reference_sample_gradients(model, x, y, per_example)
+        reference = rows @ rows.T
+        values = tfb.gradient_gram(model, (x, y), loss=loss)
+    scale = max(1.0, float(np.abs(reference).max()))
+    _close(values, reference, 1e-9 * scale)
+
+
+MISMATCHED = {
+    "sparse_with_one_hot": (
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "one_hot",
+        8,
+        "takes class indices",
+    ),
+    "sparse_by_name_with_one_hot": (
+        "sparse_categorical_crossentropy",
+        "one_hot",
+        8,
+        "takes class indices",
+    ),
+    "categorical_with_int": (
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+        "int",
+        8,
+        "takes one-hot labels",
+    ),
+    # 3 examples and 3 classes: Keras would broadcast [3, 1] * [3, 3].
+    "categorical_with_int_broadcastable": (
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+        "int",
+        3,
+        "takes one-hot labels",
+    ),
+}
+MISMATCH_CALLS = {
+    "hessian_eigenvalues": lambda m, d, loss: tfb.hessian_eigenvalues(
+        m, d, loss=loss
+    ),
+    "directional_curvature": lambda m, d, loss: tfb.directional_curvature(
+        m, d, [v.numpy() for v in m.trainable_variables], loss=loss
+    ),
+    "gradient_statistics": lambda m, d, loss: tfb.gradient_statistics(
+        m, d, loss=loss
+    ),
+    "HessianSpectrum_in_a_fit": lambda m, d, loss: _fit(
+        _fit_model(), [tfb.HessianSpectrum(d, loss=loss)]
+    ),
+}
+
+
+@pytest.mark.parametrize("call", MISMATCH_CALLS)
+@pytest.mark.parametrize("case", MISMATCHED)
+def test_labels_that_do_not_fit_the_loss_are_an_argument_error(case, call):
+    loss, labels, n, message = MISMATCHED[case]
+    x = data_for("mlp", n=n, seed=5)[0]
+    with pytest.raises(ArgumentError, match=message) as error:
+        MISMATCH_CALLS[call](_model64(), (x, _labels(labels, n)), loss)
+    assert "Pass " in str(error.value) or "pass " in str(error.value)
+
+
+def _two_output_model(compiled):
+    keras.utils.set_random_seed(4)
+    with floatx("float64"):
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dense(5, activation="tanh")(inputs)
+        outputs = {
+            "a": keras.layers.Dense(3, name="a")(hidden),
+            "b": keras.layers.Dense(1, name="b")(hidden),
+        }
+        if compiled.startswith("list"):
+            model = keras.Model(inputs, [outputs["a"], outputs["b"]])
+        else:
+            model = keras.Model(inputs, outputs)
+    losses = [
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.losses.MeanSquaredError(),
+    ]
+    if compiled == "list":
+        model.compile(optimizer="sgd", loss=losses)
+    elif compiled == "dict":
+        model.compile(optimizer="sgd", loss=dict(zip("ab", losses)))
+    return model
+
+
+def _two_output_data(n=6):
+    x, y = data_for("mlp", n=n, seed=8)
+    return x, (y, np.random.default_rng(8).normal(size=(n, 1)))
+
+
+def _two_output_loss(y_true, y_pred):
+    if isinstance(y_pred, dict):
+        y_pred = [y_pred["a"], y_pred["b"]]
+    first = _SPARSE(y_true[0], y_pred[0], from_logits=True)
+    return first + tf.reduce_mean(tf.square(y_pred[1] - y_true[1]), axis=-1)
+
+
+@pytest.mark.parametrize("compiled", ["list", "dict"])
+@pytest.mark.parametrize(
+    "call", ["hessian_trace", "gradient_gram", "GradientCovariance_in_a_fit"]
+)
+def test_multi_output_compiled_losses_are_refused_with_the_fix(compiled, call):
+    model = _two_output_model(compiled)
+    x, y = _two_output_data()
+    if compiled == "dict":
+        y = {"a": y[0], "b": y[1]}
+    with pytest.raises(ArgumentError, match=r"pass\s+`loss=fn\(y_true, y_pred\)`"):
+        if call == "hessian_trace":
+            tfb.hessian_trace(model, (x, y))
+        elif call == "gradient_gram":
+            tfb.gradient_gram(model, (x, y))
+        else:
+            model.fit(
+                x, y, verbose=0,
+                callbacks=[tfb.GradientCovariance((x, y), schedule=1)],
+            )
+
+
+@pytest.mark.parametrize("structure", ["list", "dict"])
+def test_multi_output_model_with_a_loss_function_is_exact(structure):
+    # The fix the refusal names: a per-example loss over all outputs (here
+    # the sum Keras minimizes with one loss per output and unit weights).
+    model = _two_output_model(structure + "_plain")
+    x, y = _two_output_data()
+    data = (x, y)
+    hessian = _reference_hessian(model, x, y, _two_output_loss)
+    rows = _reference_sample_gradients(model, x, y, _two_output_loss)
+    scale = max(1.0, float(np.abs(hessian).max()))
+    kwargs = {"loss": _two_output_loss}
+    values = tfb.hessian_eigenvalues(
+        model, data, k=3, num_iterations=len(hessian), **kwargs
+    )
+    _close(values, np.linalg.eigvalsh(hessian)[::-1][:3], 1e-9 * scale)
+    trace = tfb.hessian_trace(model, data, num_samples=len(hessian), **kwargs)
+    _close(trace, np.trace(hessian), 1e-9 * scale * len(hessian))
+    gram = tfb.gradient_gram(model, data, **kwargs)
+    _close(gram, rows @ rows.T, 1e-10 * max(1.0, np.abs(rows).max() ** 2))
+    direction = np.random.default_rng(0).normal(size=len(hessian))
+    curvature = tfb.directional_curvature(
+        model, data, unflat(direction, model), **kwargs
+    ).numpy()
+    _close(curvature.mean(), direction @ hessian @ direction, 1e-9 * scale * 10)
+    # Keras' own loss of the compiled list model is the same function.
+    compiled = _two_output_model("list")
+    compiled.set_weights(model.get_weights())
+    keras_loss = compiled.compute_loss(x=x, y=list(y), y_pred=compiled(x))
+    pred = model(x)
+    mine = tf.reduce_mean(_two_output_loss(y, pred))
+    assert float(keras_loss) == pytest.approx(float(mine), rel=1e-6)

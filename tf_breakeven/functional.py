@@ -288,7 +288,9 @@ def _loss_name(loss: Callable) -> str:
 def check_labels(name: str, y: Any, y_pred: Any) -> None:
     """Refuses class indices for a one-hot loss and one-hot labels for a
     sparse one (static shapes; Keras would fail deep in a graph, or
-    broadcast silently)."""
+    broadcast silently). A `ValueError`, as it is raised while tracing
+    (autograph keeps only built-in error types); the probe checks turn it
+    into an `ArgumentError`."""
     if not (isinstance(y, tf.Tensor) and isinstance(y_pred, tf.Tensor)):
         return
     labels, outputs = y.shape, y_pred.shape
@@ -299,14 +301,14 @@ def check_labels(name: str, y: Any, y_pred: Any) -> None:
         labels.rank == outputs.rank and labels[-1] == 1
     )
     if name in _ONE_HOT_LOSSES and indices and classes != 1:
-        raise ArgumentError(
+        raise ValueError(
             f"`{name}` takes one-hot labels shaped like the outputs "
             f"{outputs}, but the labels have shape {labels} (class "
             "indices). Pass one-hot labels (`keras.utils.to_categorical(y, "
             f"{classes})`) or use `sparse_categorical_crossentropy`."
         )
     if name in _INDEX_LOSSES and labels.rank == outputs.rank and not indices:
-        raise ArgumentError(
+        raise ValueError(
             f"`{name}` takes class indices (shape {outputs[:-1]}), but the "
             f"labels have shape {labels} (one-hot). Pass "
             "`np.argmax(y, axis=-1)` or use `categorical_crossentropy`."

@@ -107,9 +107,13 @@ def check_fits(losses: Callable[..., Any], batches: Sequence[Batch]) -> None:
         try:
             losses(*batch)
         except (ValueError, TypeError, tf.errors.OpError) as error:
+            # Errors raised while tracing carry the traced frames; the last
+            # line is the error itself.
+            lines = str(error).strip().splitlines() or [""]
+            detail = lines[-1] if "in user code" in lines[0] else str(error)
             raise ArgumentError(
                 "The probe data does not fit the model or the loss "
-                f"(batch signature {signature}): {error}. Pass inputs "
+                f"(batch signature {signature}): {detail}. Pass inputs "
                 "shaped like the model's inputs and targets the loss "
                 "accepts."
             ) from error
