@@ -166,56 +166,201 @@ def test_each_dataset_trains_with_tracking_under_mock_data(name, tmp_path):
     assert np.isfinite(summary["max"]["grad_cov/lambda_1"])
 
 
+# Whole epochs of 5 batches (1,437 digits // 256): with --steps_per_epoch
+# below an epoch of data a resumed run starts its batches at the next data
+# epoch, not where the Keras epoch left off (the xfail test below).
+WHOLE_EPOCHS = ("--batch_size=256", "--epochs=3")
+
+
 def _launch(workdir, *flags):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tf_breakeven.launch.train",
-            f"--workdir={workdir}",
-            "--model_arg=filters=(4,8)",
-            "--model_arg=dense_units=16",
-            "--batch_size=64",
-            "--steps_per_epoch=4",
-            "--epochs=4",
-            "--verbose=0",
-            *flags,
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """The launcher in a subprocess; its output goes to `process.log` (a
+    pipe nobody reads while it runs could fill up and block it)."""
+    log = f"{workdir}.{time.monotonic_ns()}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tf_breakeven.launch.train",
+                f"--workdir={workdir}",
+                "--model_arg=filters=(4,8)",
+                "--model_arg=dense_units=16",
+                *WHOLE_EPOCHS,
+                "--verbose=0",
+                *flags,
+            ],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    process.log = log
+    return process
+
+
+def _finish(process, timeout):
+    """Waits for `process` (killed by its PID after `timeout`); its log."""
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        _stop(process)
+    with open(process.log) as f:
+        return f.read()
+
+
+def _by_source(workdir):
+    """{(source, schedule): [record, ...]} in file order."""
+    groups = {}
+    for r in tfb.read_records(os.path.join(workdir, "records.jsonl")):
+        key = (r["source"], json.dumps(r["config"].get("schedule")))
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _stop(process):
+    """SIGKILLs `process` by its PID if it still runs, and reaps it."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=60)
+
+
+def _wait_for_step(workdir, process, step, timeout):
+    """Waits until the BreakEven records reach `step` (bounded in time)."""
+    deadline = time.monotonic() + timeout
+    records = os.path.join(workdir, "records.jsonl")
+    while time.monotonic() < deadline and process.poll() is None:
+        if os.path.exists(records) and max(_steps(workdir) or [0]) >= step:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the run never reached step {step} (rc={process.poll()})")
+
+
+# Keras' BackupAndRestore checkpoint holds no SeedGenerator state, so a
+# resumed run draws other dropout masks: dropout off, the trajectory is
+# restored exactly.
+NO_DROPOUT = ("--model_arg=conv_dropout=0.0", "--model_arg=dense_dropout=0.0")
+# BreakEven's Lanczos is warm-started from the last top eigenvector, which
+# no checkpoint holds: after the resume these keys agree to the solver's
+# roundoff, not bitwise.
+WARM_STARTED = {
+    "hessian/lambda_1",
+    "breakeven/sharpness_x_lr",
+    "breakeven/curvature_variance",
+    "breakeven/stability",
+}
+# The tracked train step's latest values are no checkpoint state either:
+# the epoch logs show NaN after a resume until its next tracked step.
+TRACKED_STEP = {"grad/step_norm", "grad/update_norm"}
+
+
+def _same(mine, theirs, skip=()):
+    skip = {"wall_time", *skip}
+    mine = {k: v for k, v in mine.items() if k not in skip}
+    theirs = {k: v for k, v in theirs.items() if k not in skip}
+    return json.dumps(mine) == json.dumps(theirs)  # bitwise, NaN included
 
 
 def test_kill_9_and_resume_without_lost_or_duplicated_records(tmp_path):
-    workdir = tmp_path / "killed"
-    process = _launch(workdir, "--measure_every=1")
-    records = workdir / "records.jsonl"
-    deadline = time.time() + 300
+    """Every callback's records after kill -9 and resume: each source's
+    steps once, none missing, and the values of an uninterrupted run."""
+    workdir, reference = tmp_path / "killed", tmp_path / "uninterrupted"
+    flags = ("--measure_every=1", *NO_DROPOUT)
+    uninterrupted = _launch(reference, *flags)
+    process = _launch(workdir, *flags)
     try:
-        # Kill in the middle of epoch 2 (steps 9-12), after its backup.
-        while time.time() < deadline:
-            if records.exists() and max(_steps(str(workdir)) or [0]) >= 10:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the run never reached step 10")
+        # Kill in the middle of epoch 2 (steps 6-10), after its backup.
+        _wait_for_step(str(workdir), process, 7, timeout=400)
     finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+        _stop(process)
+    killed_at = time.time()
     before = _steps(str(workdir))
-    assert 10 <= max(before) < 16
-    resumed = _launch(workdir, "--measure_every=1")
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-3000:]
-    assert _steps(str(workdir)) == list(range(1, 17))
+    assert 7 <= max(before) < 15
+    resumed = _launch(workdir, *flags)
+    try:
+        for run in (resumed, uninterrupted):
+            log = _finish(run, timeout=900)
+            assert run.returncode == 0, log[-3000:]
+    finally:
+        _stop(resumed)
+        _stop(uninterrupted)
+    expected, got = _by_source(str(reference)), _by_source(str(workdir))
+    assert {source for source, _ in expected} >= {
+        "BreakEven",
+        "GradientCovariance",
+        "GradientConfusion",
+    }
+    assert got.keys() == expected.keys()
+    # The step the resumed run restored: an epoch end (its backup).
+    restored = -1 + min(
+        r["step"]
+        for rs in got.values()
+        for r in rs
+        if r["wall_time"] > killed_at
+    )
+    assert restored in (5, 10) and restored < max(before)
+    for key, records in expected.items():
+        assert [r["step"] for r in records] == list(range(1, 16)), key
+        assert [r["step"] for r in got[key]] == list(range(1, 16)), key
+        for mine, theirs in zip(got[key], records):
+            assert (mine["wall_time"] > killed_at) == (mine["step"] > restored)
+            warm = key[0] == "BreakEven" and mine["step"] > restored
+            assert _same(mine, theirs, WARM_STARTED if warm else ()), (
+                key,
+                mine["step"],
+            )
+            for name in WARM_STARTED & mine.keys() if warm else ():
+                # Converged from another start: float32 roundoff (5e-7).
+                assert mine[name] == pytest.approx(theirs[name], rel=1e-4)
+    rows = [
+        (run / "history.csv").read_text().splitlines()
+        for run in (workdir, reference)
+    ]
+    columns = rows[0][0].split(",")
+    assert columns == rows[1][0].split(",")
+    assert [row.split(",")[0] for row in rows[0][1:]] == ["0", "1", "2"]
+    resumed_epoch = restored // 5
+    for mine, theirs in zip(rows[0][1:], rows[1][1:]):  # no epoch twice
+        epoch = int(mine.split(",")[0])
+        for column, a, b in zip(columns, mine.split(","), theirs.split(",")):
+            if column.split("/")[0] in ("hessian", "breakeven"):
+                continue  # the warm-started Lanczos
+            stale = column in TRACKED_STEP and epoch == resumed_epoch
+            assert a == b or (stale and a == "nan"), (epoch, column)
     summary = json.loads((workdir / "summary.json").read_text())
-    records = tfb.read_records(str(records))
     assert summary["breakeven_step"] == tfb.stability.find_break_even(
-        [r for r in records if r["source"] == "BreakEven"],
+        [r for rs in got.values() for r in rs if r["source"] == "BreakEven"],
         criterion="sgd",
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="launch.experiment.fit starts a resumed run's batches at data "
+    "epoch `start` (train_epochs(start, ...)); with steps_per_epoch below "
+    "one pass over the data, Keras epoch `start` began elsewhere in the "
+    "stream (at batch start * steps_per_epoch of train_epochs(0, ...))",
+)
+def test_a_resumed_fit_gets_the_batches_of_an_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    config = _tiny(epochs=4, steps_per_epoch=4, tracking="none")
+    run = experiment.build(config, str(tmp_path / "run"))
+    os.makedirs(run.backup_dir)
+    with open(os.path.join(run.backup_dir, "training_metadata.json"), "w") as f:
+        json.dump({"epoch": 2, "batch": 0}, f)  # BackupAndRestore's
+    given = []
+
+    def fit(train, **kwargs):
+        given.append(train)
+        return keras.callbacks.History()
+
+    monkeypatch.setattr(run.model, "fit", fit)
+    experiment.fit(run, config, [])
+    stream = list(run.spec.train_epochs(0, 4).take(16))
+    resumed = list(given[0].take(8))
+    for (x, _), (x_resumed, _) in zip(stream[8:], resumed):
+        np.testing.assert_array_equal(x, x_resumed)
 
 
 _DISTRIBUTED_SCRIPT = textwrap.dedent(
@@ -239,7 +384,9 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_script(tmp_path, workdir, replicas, strategy, env=None):
+def _run_script(
+    tmp_path, workdir, replicas, strategy, env=None, stderr=subprocess.PIPE
+):
     script = tmp_path / "distributed.py"
     script.write_text(_DISTRIBUTED_SCRIPT)
     return subprocess.Popen(
@@ -253,8 +400,8 @@ def _run_script(tmp_path, workdir, replicas, strategy, env=None):
         ],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
     )
 
@@ -293,29 +440,120 @@ def _free_ports(count):
     return ports
 
 
-def test_multi_worker_trains_and_records_once_like_one_process(tmp_path):
-    single = _run_script(tmp_path, tmp_path / "single", 1, "default")
-    ports = _free_ports(2)
+# What a TensorFlow worker prints when its gRPC server cannot bind its port.
+BIND_ERRORS = ("Could not start gRPC server", "Failed to add port")
+
+
+def _start_workers(tmp_path, workdir, attempt, ports):
+    """Two multi-worker processes on 127.0.0.1 `ports`; stderr to files
+    (read after they end: a full pipe would block them)."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = []
-    try:
-        for index in range(2):
-            env = dict(os.environ)
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            )
+    for index in range(2):
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )
+        log = tmp_path / f"worker{index}.attempt{attempt}.stderr"
+        with open(log, "w") as stderr:
             workers.append(
-                _run_script(
-                    tmp_path, tmp_path / "multi", 1, "multi_worker", env
+                (
+                    _run_script(
+                        tmp_path, workdir, 1, "multi_worker", env, stderr
+                    ),
+                    log,
                 )
             )
-        for process in [single, *workers]:
-            _, err = process.communicate(timeout=600)
-            assert process.returncode == 0, err[-3000:]
+    return workers
+
+
+def _wait_for_workers(workers, timeout):
+    """Waits for both; returns the stderr of each. A worker that fails stops
+    the other (it would wait for its peer until the timeout)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process, _ in workers]
+            if all(code is not None for code in codes) or any(
+                code not in (None, 0) for code in codes
+            ):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the multi-worker run did not finish in time")
     finally:
-        for process in [single, *workers]:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
+        for process, _ in workers:
+            _stop(process)
+    return [log.read_text() for _, log in workers]
+
+
+def _multi_worker_run(tmp_path, workdir, first_ports=None, attempts=3):
+    """The two-worker run, relaunched on fresh ports when a port picked
+    free was taken before its worker bound it (bounded attempts); returns
+    the attempt that ran."""
+    for attempt in range(attempts):
+        shutil.rmtree(workdir, ignore_errors=True)
+        ports = first_ports if attempt == 0 and first_ports else None
+        ports = ports or _free_ports(2)
+        workers = _start_workers(tmp_path, workdir, attempt, ports)
+        errors = _wait_for_workers(workers, timeout=600)
+        codes = [process.returncode for process, _ in workers]
+        if all(code == 0 for code in codes):
+            return attempt
+        tails = "\n---\n".join(err[-2000:] for err in errors)
+        if not any(m in err for err in errors for m in BIND_ERRORS):
+            pytest.fail(f"workers failed ({codes}):\n{tails}")
+    pytest.fail(f"ports taken in {attempts} attempts:\n{tails}")
+
+
+def test_bind_errors_are_what_a_worker_prints_on_a_taken_port(tmp_path):
+    """The retry of the multi-worker test recognizes a taken port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {
+                "cluster": {"worker": [f"127.0.0.1:{port}", "127.0.0.1:9"]},
+                "task": {"type": "worker", "index": 0},
+            }
+        )
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import tensorflow as tf\n"
+                "tf.distribute.MultiWorkerMirroredStrategy()",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode != 0
+    assert any(message in result.stderr for message in BIND_ERRORS)
+
+
+def test_multi_worker_trains_and_records_once_like_one_process(tmp_path):
+    log = tmp_path / "single.stderr"
+    with open(log, "w") as stderr:  # read after: a full pipe would block it
+        single = _run_script(
+            tmp_path, tmp_path / "single", 1, "default", stderr=stderr
+        )
+    try:
+        # The first attempt gets a port another process holds, as in the
+        # race between picking a free port and binding it: the run retries.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            first = [taken.getsockname()[1], _free_ports(1)[0]]
+            attempt = _multi_worker_run(tmp_path, tmp_path / "multi", first)
+        assert attempt == 1
+        single.wait(timeout=600)
+        assert single.returncode == 0, log.read_text()[-3000:]
+    finally:
+        _stop(single)
     # One record file, written by the chief; the worker wrote none.
     assert not (
         tmp_path / "multi" / "worker_scratch_1" / "records.jsonl"
