@@ -1537,3 +1537,132 @@ def test_multi_output_model_with_a_loss_function_is_exact(structure):
     pred = model(x)
     mine = tf.reduce_mean(_two_output_loss(y, pred))
     assert float(keras_loss) == pytest.approx(float(mine), rel=1e-6)
+
+
+# ------------------- MirroredStrategy: probes that do not split evenly
+
+_MIRRORED_SCRIPT = '''
+import json, sys
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, sys.argv[1])
+import keras
+from conftest import cross_entropy, data_for, twin
+import tf_breakeven as tfb
+
+strategy = tf.distribute.MirroredStrategy()
+with strategy.scope():
+    mirrored = twin("mlp", seed=9)[1]
+    mirrored.compile(optimizer=keras.optimizers.SGD(1e-30),
+                     loss=cross_entropy())
+single = twin("mlp", seed=9)[1]
+assert tfb.distribute.replica_strategy(mirrored) is not None
+assert tfb.distribute.replica_strategy(single) is None
+x, y = data_for("mlp", n=10, seed=9)
+w = np.random.default_rng(9).uniform(0.5, 1.5, 10)
+ragged = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+weighted = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(4)
+direction = [np.ones(v.shape) for v in single.trainable_variables]
+CASES = {
+    "gram_5_samples": lambda m: tfb.gradient_gram(m, (x[:5], y[:5])),
+    "gram_one_sample": lambda m: tfb.gradient_gram(m, (x[:1], y[:1])),
+    "gram_5_microbatches": lambda m: tfb.gradient_gram(
+        m, (x, y), microbatch_size=2),
+    "gram_ragged_weighted_dataset": lambda m: tfb.gradient_gram(m, weighted),
+    "gram_chunks_of_3": lambda m: tfb.gradient_gram(
+        m, (x, y), memory_budget=3 * 2 * 12 * 51),
+    "statistics_7_samples": lambda m: np.array(list(
+        tfb.gradient_statistics(m, (x[:7], y[:7])).values())),
+    "covariance_7_samples": lambda m: tfb.gradient_covariance_eigenpairs(
+        m, (x[:7], y[:7]), k=3)[0],
+    "hessian_ragged_dataset": lambda m: tfb.hessian_eigenvalues(
+        m, ragged, k=2, num_iterations=51),
+    "hessian_trace_weighted_ragged": lambda m: tfb.hessian_trace(
+        m, weighted, num_samples=51),
+    "curvature_ragged_dataset": lambda m: tfb.directional_curvature(
+        m, ragged, direction).numpy(),
+}
+out = {}
+for name, fn in CASES.items():
+    a = np.asarray(fn(mirrored), np.float64)
+    b = np.asarray(fn(single), np.float64)
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    both = np.isnan(a) & np.isnan(b)
+    out[name] = float(np.max(np.where(both, 0, np.abs(a - b)))
+                      / max(1.0, np.nanmax(np.abs(b))))
+callbacks = [tfb.GradientCovariance((x[:5], y[:5])),
+             tfb.BreakEven(weighted, criterion="sgd", batch_size=4,
+                           dataset_size=8)]
+mirrored.fit(x[:8], y[:8], batch_size=4, verbose=0, callbacks=callbacks)
+expected = tfb.gradient_statistics(single, (x[:5], y[:5]))
+got = callbacks[0].records[0]
+out["GradientCovariance_5_samples"] = max(
+    abs(got[k] - v) / max(1.0, abs(v)) for k, v in expected.items()
+    if k in got and np.isfinite(v))
+top = tfb.hessian_eigenpairs(single, weighted, k=1)
+variance = np.var(tfb.directional_curvature(
+    single, weighted, top.eigenvectors[0]).numpy())
+got = callbacks[1].records[0]
+out["BreakEven_ragged_weighted"] = max(
+    abs(got["hessian/lambda_1"] - top.eigenvalues[0]) / top.eigenvalues[0],
+    abs(got["breakeven/curvature_variance"] - variance) / variance)
+shapes = []
+def double(a):
+    shapes.append(tuple(a.shape))
+    return 2.0 * a
+rows = tf.reshape(tf.range(10.0), [5, 2])
+gathered = tfb.distribute.concat_over_replicas(strategy, double, (rows,))
+out["concat_deals_3_and_2_rows"] = float(
+    sorted(shapes) != [(2, 2), (3, 2)]
+    or not np.array_equal(gathered.numpy(), 2.0 * rows.numpy()))
+print("RESULT " + json.dumps(out))
+'''
+MIRRORED_CASES = (
+    "gram_5_samples",
+    "gram_one_sample",
+    "gram_5_microbatches",
+    "gram_ragged_weighted_dataset",
+    "gram_chunks_of_3",
+    "statistics_7_samples",
+    "covariance_7_samples",
+    "hessian_ragged_dataset",
+    "hessian_trace_weighted_ragged",
+    "curvature_ragged_dataset",
+    "GradientCovariance_5_samples",
+    "BreakEven_ragged_weighted",
+    "concat_deals_3_and_2_rows",
+)
+
+
+@pytest.fixture(scope="module")
+def mirrored_errors(tmp_path_factory):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path_factory.mktemp("mirrored") / "uneven.py"
+    script.write_text(_MIRRORED_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), os.path.dirname(__file__)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = [
+        line[len("RESULT ") :]
+        for line in result.stdout.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert lines, result.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("case", MIRRORED_CASES)
+def test_mirrored_uneven_probes_equal_one_device(mirrored_errors, case):
+    # Sample gradients are dealt out in shares that differ by at most one
+    # (5 samples: 3 and 2) and gathered; batches beyond a multiple of the
+    # replicas run on one device. The numbers are those of one device.
+    assert mirrored_errors[case] < 1e-10, mirrored_errors
