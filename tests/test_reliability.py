@@ -970,7 +970,9 @@ def test_degenerate_statistics_follow_the_documented_conventions():
     # K = 0 for identical examples: zero covariance, NaN conditioning, an
     # infinite norm ratio, and cosines of exactly 1 (the gradients are
     # parallel). All-zero weights: zero gradients, every ratio NaN.
-    same = tfb.gradient_statistics(_model64(), _reference("identical_examples").data)
+    same = tfb.gradient_statistics(
+        _model64(), _reference("identical_examples").data
+    )
     assert same["grad_cov/lambda_1"] == 0 and same["grad_cov/trace"] == 0
     assert np.isnan(same["grad_cov/condition"])
     assert np.isnan(same["grad_cov/trace_over_lambda_1"])
@@ -1065,9 +1067,7 @@ def _expected_callback_metrics(name, model, data):
     if name == "BreakEven":
         return _direct_break_even(model, data)
     microbatch_size = 2 if name == "GramCallback" else 1
-    return tfb.gradient_statistics(
-        model, data, microbatch_size=microbatch_size
-    )
+    return tfb.gradient_statistics(model, data, microbatch_size=microbatch_size)
 
 
 @pytest.mark.parametrize("probe", PROBES)
@@ -1077,7 +1077,9 @@ def test_callbacks_in_a_fit_on_degenerate_probes(callback, probe, caplog):
     data = _reference(probe).data
     instance = CALLBACKS[callback](data)
     if (callback, probe) in CALLBACK_REFUSED:
-        with pytest.raises(ArgumentError, match=CALLBACK_REFUSED[callback, probe]):
+        with pytest.raises(
+            ArgumentError, match=CALLBACK_REFUSED[callback, probe]
+        ):
             _fit(model, [instance])
         return
     with caplog.at_level(logging.WARNING):
@@ -1093,7 +1095,9 @@ def test_callbacks_in_a_fit_on_degenerate_probes(callback, probe, caplog):
         if np.isnan(value):
             assert np.isnan(metrics[key]), key
         else:
-            assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+            assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (
+                key
+            )
     assert set(metrics) <= set(instance.metric_keys())
 
 
@@ -1120,7 +1124,11 @@ def test_callback_on_a_non_finite_probe_logs_one_line(callback, kind, caplog):
     instance = CALLBACKS[callback]((x, y))
     with caplog.at_level(logging.WARNING):
         model.fit(
-            x[1:], y[1:], batch_size=7, epochs=2, verbose=0,
+            x[1:],
+            y[1:],
+            batch_size=7,
+            epochs=2,
+            verbose=0,
             callbacks=[instance],
         )
     assert len(instance.records) == 2
@@ -1288,7 +1296,7 @@ def _reference_hessian(model64, x, y, per_example):
 def _reference_sample_gradients(model64, x, y, per_example):
     rows = []
     for i in range(len(x)):
-        part = tf.nest.map_structure(lambda t: t[i : i + 1], y)
+        part = tf.nest.map_structure(lambda t, i=i: t[i : i + 1], y)
         params = [tf.constant(v.numpy()) for v in model64.trainable_variables]
         with tf.GradientTape() as tape:
             tape.watch(params)
@@ -1494,14 +1502,18 @@ def test_multi_output_compiled_losses_are_refused_with_the_fix(compiled, call):
     x, y = _two_output_data()
     if compiled == "dict":
         y = {"a": y[0], "b": y[1]}
-    with pytest.raises(ArgumentError, match=r"pass\s+`loss=fn\(y_true, y_pred\)`"):
+    with pytest.raises(
+        ArgumentError, match=r"pass\s+`loss=fn\(y_true, y_pred\)`"
+    ):
         if call == "hessian_trace":
             tfb.hessian_trace(model, (x, y))
         elif call == "gradient_gram":
             tfb.gradient_gram(model, (x, y))
         else:
             model.fit(
-                x, y, verbose=0,
+                x,
+                y,
+                verbose=0,
                 callbacks=[tfb.GradientCovariance((x, y), schedule=1)],
             )
 
@@ -1541,7 +1553,7 @@ def test_multi_output_model_with_a_loss_function_is_exact(structure):
 
 # ------------------- MirroredStrategy: probes that do not split evenly
 
-_MIRRORED_SCRIPT = '''
+_MIRRORED_SCRIPT = """
 import json, sys
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -1618,7 +1630,7 @@ out["concat_deals_3_and_2_rows"] = float(
     sorted(shapes) != [(2, 2), (3, 2)]
     or not np.array_equal(gathered.numpy(), 2.0 * rows.numpy()))
 print("RESULT " + json.dumps(out))
-'''
+"""
 MIRRORED_CASES = (
     "gram_5_samples",
     "gram_one_sample",

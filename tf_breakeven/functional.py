@@ -230,7 +230,9 @@ def probe_batches(data: Any) -> list[Batch]:
         batches = [_to_batch(data, "Probe data")]
     batches = [b for b in batches if _batch_size(b.x) > 0]
     if not batches:
-        raise ArgumentError("The probe data is empty; pass at least one example.")
+        raise ArgumentError(
+            "The probe data is empty; pass at least one example."
+        )
     return batches
 
 
