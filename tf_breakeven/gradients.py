@@ -519,7 +519,10 @@ def gradient_covariance_eigenpairs(
         vectors, each a list of tensors shaped like the trainable variables.
         Non-finite sample gradients (NaN or Inf in the probe or the
         weights) give k' = min(k, n) NaN eigenvalues and NaN vectors, with
-        a warning; zero gradients give k' = 0.
+        a warning; zero or identical gradients give k' = 0.
+
+    Raises:
+        ArgumentError: fewer than 2 samples, or M not dividing N.
     """
     rows = SampleRows(
         model,
@@ -567,7 +570,12 @@ def gradient_statistics(
     `confusion/eta`, `grad/noise_scale`, ...).
 
     Returns:
-        A dict of Python floats.
+        A dict of Python floats. NaN values (NaN or Inf in the probe or the
+        weights; degenerate gradients, see `statistics.gram_statistics`)
+        come with one warning.
+
+    Raises:
+        ArgumentError: fewer than 2 samples, or M not dividing N.
     """
     k = check_int("k", k, 1)
     gram = gradient_gram(
