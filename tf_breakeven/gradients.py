@@ -519,10 +519,8 @@ def gradient_covariance_eigenpairs(
         vectors, each a list of tensors shaped like the trainable variables.
         Non-finite sample gradients (NaN or Inf in the probe or the
         weights) give k' = min(k, n) NaN eigenvalues and NaN vectors, with
-        a warning; zero or identical gradients give k' = 0.
-
-    Raises:
-        ArgumentError: fewer than 2 samples, or M not dividing N.
+        a warning; zero or identical gradients give k' = 0. Fewer than 2
+        samples is an `ArgumentError`.
     """
     rows = SampleRows(
         model,

@@ -235,11 +235,7 @@ def gram_statistics(
     - ``confusion/eta`` uses all pairs, zero gradients included (their
       inner products are 0). The cosine statistics leave zero gradients out
       and are NaN when fewer than 2 nonzero gradients remain.
-    - Covariance eigenvalues at most 1e-13 times the largest squared
-      sample-gradient norm are roundoff of centering and count as 0, so
-      identical sample gradients give K = 0 (``lambda_1`` = ``trace`` = 0,
-      ``condition`` and ``trace_over_lambda_1`` NaN, ``norm_ratio_top_k``
-      inf) and cosines of 1.
+    - K's eigenvalues <= 1e-13 max_i ||g_i||^2 are roundoff (0): K = 0.
 
     Args:
       gram: array-like [n, n], ``G[i, j] = <g_i, g_j>`` of n sample
