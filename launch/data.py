@@ -246,7 +246,14 @@ def load(
         train, source, shuffle_buffer, seed, augment
     )
     train_epochs = _EpochStream(
-        train, source, seed, shuffle_buffer, augment, batch_size, batch_fn
+        train,
+        source,
+        seed,
+        shuffle_buffer,
+        augment,
+        batch_size,
+        batch_fn,
+        num_train,
     )
     probe = _probe_examples(train, num_train, num_probe, seed)
     return DataSpec(
@@ -305,6 +312,7 @@ class _EpochStream:
     augment: bool
     batch_size: int
     batch_fn: Callable | None
+    num_train: int
 
     def epoch_batches(self, epoch: int) -> tf.data.Dataset:
         """One epoch's full batches, a function of `(seed, epoch)` only."""
@@ -326,6 +334,24 @@ class _EpochStream:
         if self.batch_fn is not None:
             batches = batches.map(self.batch_fn, num_parallel_calls=AUTOTUNE)
         return batches
+
+    def steps(self, start_step: int, end_step: int) -> tf.data.Dataset:
+        """Batches [start_step, end_step) of the stream `self(0, ...)`.
+
+        What a run of `end_step` steps consumes from its step `start_step`
+        on, whatever its `steps_per_epoch`: a run resumed at step s gets
+        the batches an uninterrupted one would have (a Keras epoch need not
+        be one pass over the data).
+        """
+        per_pass = self.num_train // self.batch_size
+        if per_pass < 1:
+            raise ValueError(
+                f"{self.num_train} training examples make no full batch of "
+                f"{self.batch_size}; pass a smaller --batch_size."
+            )
+        first = start_step // per_pass
+        last = max(-(-end_step // per_pass), first + 1)
+        return self(first, last).skip(start_step - first * per_pass)
 
     def __call__(self, start_epoch: int, end_epoch: int) -> tf.data.Dataset:
         # tf.data takes shuffle seeds as Python ints, so epochs are built

@@ -290,12 +290,58 @@ def build(config: Config, workdir: str) -> Run:
     return Run(strategy, chief, outdir, spec, model, steps_per_epoch, recorder)
 
 
+class SeedStateBackup(keras.callbacks.Callback):
+    """Backs up the model's seed-generator states with each epoch's backup.
+
+    `BackupAndRestore` saves weights, not the states of the dropout seed
+    generators, so a resumed run would draw other masks than the
+    uninterrupted one. This saves them at every epoch end (after the
+    backup, tagged with its epoch) and restores them when the backup it
+    resumes from is of the same epoch.
+    """
+
+    def __init__(self, backup_dir: str):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.path = os.path.join(backup_dir, "seed_states.npz")
+
+    def _states(self) -> list:
+        weights = {id(v) for v in self.model.weights}
+        return [
+            v
+            for v in self.model.non_trainable_variables
+            if id(v) not in weights
+        ]
+
+    def on_train_begin(self, logs=None):
+        epoch = _backup_epoch(self.backup_dir)
+        if not epoch or not os.path.exists(self.path):
+            return
+        with np.load(self.path) as saved:
+            values = [saved[f"state_{i}"] for i in range(len(saved) - 1)]
+            if int(saved["epoch"]) != epoch:
+                return  # killed between the two backups: masks will differ
+        states = self._states()
+        if len(values) == len(states):
+            for variable, value in zip(states, values):
+                variable.assign(value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {f"state_{i}": v.numpy() for i, v in enumerate(self._states())}
+        os.makedirs(self.backup_dir, exist_ok=True)
+        temporary = self.path + ".tmp.npz"
+        np.savez(temporary, epoch=epoch + 1, **values)
+        os.replace(temporary, self.path)
+
+
 def keras_callbacks(run: Run) -> list[keras.callbacks.Callback]:
-    """Backup (resume), CSV history and TensorBoard of a Keras `fit` run."""
+    """Backup (resume: weights, then seed states), CSV history and
+    TensorBoard of a Keras `fit` run."""
     return [
         keras.callbacks.BackupAndRestore(
             run.backup_dir, double_checkpoint=True
         ),
+        SeedStateBackup(run.backup_dir),
         keras.callbacks.CSVLogger(
             os.path.join(run.outdir, "history.csv"), append=True
         ),
@@ -327,10 +373,13 @@ def fit(
             steps_per_epoch=run.steps_per_epoch,
         )
     callbacks += keras_callbacks(run)
-    # Epoch-seeded batches, started at the epoch BackupAndRestore will
-    # resume from, so a resumed run sees the batches it would have.
+    # Epoch-seeded batches, started at the step of the epoch
+    # BackupAndRestore will resume from, so a resumed run sees the batches
+    # it would have.
     start = min(_backup_epoch(run.backup_dir), config.epochs - 1)
-    train = run.spec.train_epochs(start, config.epochs)
+    train = run.spec.train_epochs.steps(
+        start * run.steps_per_epoch, config.epochs * run.steps_per_epoch
+    )
     return run.model.fit(
         train,
         epochs=config.epochs,

@@ -159,9 +159,10 @@ def fit(
         epochs=config.epochs,
         steps=steps_per_epoch,
     )
-    # Epoch-seeded batches from the epoch we resume at.
-    train = spec.train_epochs(
-        initial_epoch, max(config.epochs, initial_epoch + 1)
+    # Epoch-seeded batches from the step we resume at.
+    train = spec.train_epochs.steps(
+        initial_epoch * steps_per_epoch,
+        max(config.epochs, initial_epoch + 1) * steps_per_epoch,
     )
     iterator = iter(_distributed_dataset(strategy, train, config.batch_size))
     epoch_logs: dict = {}

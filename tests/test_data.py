@@ -188,6 +188,25 @@ def test_train_epochs_depend_only_on_seed_and_epoch():
     assert not np.array_equal(two, labels(again.train_epochs(0, 2)))
 
 
+@pytest.mark.parametrize("start, end", [(0, 14), (5, 9), (12, 31), (28, 29)])
+def test_train_steps_are_the_batches_of_the_epoch_stream(start, end):
+    # A run of `end` steps resumed at step `start` gets the batches the
+    # uninterrupted run did, whether or not a Keras epoch is one data pass
+    # (14 batches here).
+    def labels(dataset):
+        return [y.numpy() for _, y in dataset]
+
+    spec = data.load("digits", batch_size=100)
+    stream = labels(spec.train_epochs(0, 3))
+    assert len(stream) == 42
+    resumed = labels(spec.train_epochs.steps(start, end).take(end - start))
+    assert len(resumed) == end - start
+    for a, b in zip(stream[start:end], resumed):
+        np.testing.assert_array_equal(a, b)
+    # Enough batches for the whole run, even past the passes it spans.
+    assert len(labels(spec.train_epochs.steps(start, end))) >= end - start
+
+
 def test_digits_shuffle_is_seeded_and_reshuffled_each_epoch():
     def epochs(seed, count=2):
         spec = data.load("digits", batch_size=64, seed=seed)

@@ -333,14 +333,6 @@ def test_kill_9_and_resume_without_lost_or_duplicated_records(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="launch.experiment.fit starts a resumed run's batches at data "
-    "epoch `start` (train_epochs(start, ...)); with steps_per_epoch below "
-    "one pass over the data, Keras epoch `start` began elsewhere in the "
-    "stream (at batch start * steps_per_epoch of train_epochs(0, ...))",
-)
 def test_a_resumed_fit_gets_the_batches_of_an_uninterrupted_one(
     tmp_path, monkeypatch
 ):
@@ -361,6 +353,71 @@ def test_a_resumed_fit_gets_the_batches_of_an_uninterrupted_one(
     resumed = list(given[0].take(8))
     for (x, _), (x_resumed, _) in zip(stream[8:], resumed):
         np.testing.assert_array_equal(x, x_resumed)
+
+
+class _KilledAt(keras.callbacks.Callback):
+    """Stops a run at the start of `epoch`, after the last one's backup."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+@pytest.mark.parametrize("steps_per_epoch", [4, 22])  # 22 = one data pass
+def test_a_resume_with_dropout_ends_where_the_uninterrupted_run_does(
+    tmp_path, monkeypatch, steps_per_epoch
+):
+    # The tiny SimpleCNN has dropout; the seed states are backed up with
+    # the weights, and the batches continue at the resumed step.
+    config = _tiny(epochs=3, steps_per_epoch=steps_per_epoch, tracking="none")
+    reference = experiment.train_and_evaluate(config, str(tmp_path / "ref"))
+    plain = experiment.keras_callbacks
+    monkeypatch.setattr(
+        experiment, "keras_callbacks", lambda run: plain(run) + [_KilledAt(2)]
+    )
+    workdir = str(tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="killed"):
+        experiment.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(experiment, "keras_callbacks", plain)
+    resumed = experiment.train_and_evaluate(config, workdir)
+    assert resumed["final"] == reference["final"]
+    ref = keras.models.load_model(tmp_path / "ref" / "model.keras")
+    again = keras.models.load_model(tmp_path / "resumed" / "model.keras")
+    for a, b in zip(ref.weights, again.weights):  # files keep no seed state
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_without_the_seed_backup_a_dropout_resume_differs(
+    tmp_path, monkeypatch
+):
+    # The control: what the seed-state backup is for.
+    config = _tiny(epochs=3, steps_per_epoch=4, tracking="none")
+    reference = experiment.train_and_evaluate(config, str(tmp_path / "ref"))
+    plain = experiment.keras_callbacks
+
+    def without_seeds(run, extra=()):
+        kept = [
+            c
+            for c in plain(run)
+            if not isinstance(c, experiment.SeedStateBackup)
+        ]
+        return kept + list(extra)
+
+    monkeypatch.setattr(
+        experiment,
+        "keras_callbacks",
+        lambda run: without_seeds(run, [_KilledAt(2)]),
+    )
+    workdir = str(tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="killed"):
+        experiment.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(experiment, "keras_callbacks", without_seeds)
+    resumed = experiment.train_and_evaluate(config, workdir)
+    assert resumed["final"]["loss"] != reference["final"]["loss"]
 
 
 _DISTRIBUTED_SCRIPT = textwrap.dedent(
