@@ -1683,13 +1683,7 @@ def test_mirrored_uneven_probes_equal_one_device(mirrored_errors, case):
 # ------------------ the tracked train step on a batch smaller than M
 
 
-@pytest.mark.xfail(
-    reason="step_probes/training: a last batch with fewer examples than "
-    "microbatch_size gives zero micro-batches, and the vectorized pass "
-    "fails with an InvalidArgumentError inside the train step",
-    strict=False,
-)
-@pytest.mark.parametrize("microbatch_size", [3, 4])
+@pytest.mark.parametrize("microbatch_size", [2, 3, 4])
 def test_tracked_fit_with_a_last_batch_smaller_than_m(microbatch_size):
     # 10 examples in batches of 4: the last has 2 < M examples.
     model = tfb.track(
@@ -1701,5 +1695,28 @@ def test_tracked_fit_with_a_last_batch_smaller_than_m(microbatch_size):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     x, y = data_for("mlp", n=10, seed=7)
-    history = model.fit(x.astype("float32"), y, batch_size=4, verbose=0)
+    x = x.astype("float32")
+    plain = build("mlp", compile_loss=False)
+    plain.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    batch_logs = []
+    logger = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: batch_logs.append(dict(logs))
+    )
+    history = model.fit(
+        x, y, batch_size=4, verbose=0, shuffle=False, callbacks=[logger]
+    )
+    plain.fit(x, y, batch_size=4, verbose=0, shuffle=False)
+    for a, b in zip(plain.weights, model.weights):  # training is unchanged
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     assert np.isfinite(history.history["loss"][-1])
+    key = "batch/grad_cov/lambda_1"
+    per_batch = [logs[key] for logs in batch_logs]
+    # Batches of 4 hold 4 // M micro-batches, the last (2 examples) 2 // M.
+    for size, value in zip((4, 4, 2), per_batch):
+        if size // microbatch_size >= 2:
+            assert np.isfinite(value)
+        else:
+            assert np.isnan(value)

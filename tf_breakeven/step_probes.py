@@ -196,11 +196,12 @@ def sample_rows(
 def tracked_rows(
     model: keras.Model, batch: Batch, microbatch_size: int, tracked
 ) -> tf.Tensor:
-    """`sample_rows` on tracked steps, zeros of the same shape otherwise."""
+    """`sample_rows` on tracked steps, zeros of the same shape otherwise
+    (also for a batch smaller than M: it has no micro-batch)."""
     dim = sum(math.prod(v.shape) for v in model.trainable_variables)
     count = batch_size(batch.x) // microbatch_size
     return tf.cond(
-        tracked,
+        tracked & (count > 0),
         lambda: sample_rows(model, batch, microbatch_size),
         lambda: tf.zeros([count, dim], tf.float64),
     )
@@ -250,6 +251,7 @@ class BatchGram(StepProbe):
 
     Uses the rows of the fused pass when there is one; otherwise (models
     with state, whose update stays Keras' own) one extra vectorized pass.
+    A tracked batch of fewer than two micro-batches logs NaN.
     Under a strategy the rows of all replicas are gathered, so every
     replica computes the statistics of the global batch.
     """
@@ -281,9 +283,16 @@ class BatchGram(StepProbe):
         replica, replicated = _replica_context()
         if replicated:
             rows = replica.all_gather(rows, axis=0)
+        # A batch of fewer than two micro-batches (a small last batch) has
+        # no covariance: its tracked step logs NaN.
+        nan = tf.constant(math.nan, tf.float64)
         return tf.cond(
             context.tracked,
-            lambda: self._statistics(rows),
+            lambda: tf.cond(
+                tf.shape(rows)[0] >= 2,
+                lambda: self._statistics(rows),
+                lambda: {key: nan for key in self.keys},
+            ),
             lambda: {key: previous[key] for key in self.keys},
         )
 
