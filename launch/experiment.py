@@ -297,7 +297,7 @@ class SeedStateBackup(keras.callbacks.Callback):
     generators, so a resumed run would draw other masks than the
     uninterrupted one. This saves them at every epoch end (after the
     backup, tagged with its epoch) and restores them when the backup it
-    resumes from is of the same epoch.
+    resumes from is of the same epoch (docs/pitfalls.md#P27).
     """
 
     def __init__(self, backup_dir: str):

@@ -291,8 +291,8 @@ def check_labels(name: str, y: Any, y_pred: Any) -> None:
     """Refuses class indices for a one-hot loss and one-hot labels for a
     sparse one (static shapes; Keras would fail deep in a graph, or
     broadcast silently). A `ValueError`, as it is raised while tracing
-    (autograph keeps only built-in error types); the probe checks turn it
-    into an `ArgumentError`."""
+    (autograph keeps only built-in error types, docs/pitfalls.md#P26); the
+    probe checks turn it into an `ArgumentError`."""
     if not (isinstance(y, tf.Tensor) and isinstance(y_pred, tf.Tensor)):
         return
     labels, outputs = y.shape, y_pred.shape
@@ -416,7 +416,8 @@ class ModelFunction:
 
     def _upcast(self, t: Any) -> Any:
         # Keras' `Loss.__call__` computes a mixed-precision model's loss in
-        # float32; `Loss.call`, used here unreduced, would not.
+        # float32; `Loss.call`, used here unreduced, would not
+        # (docs/pitfalls.md#P25).
         if t.dtype.is_floating and t.dtype.size < self.dtype.size:
             return tf.cast(t, self.dtype)
         return t
