@@ -264,30 +264,49 @@ def fd_hvp(model64, x, y, vector, training, eps=1e-6, sample_weight=None):
     ) / (2 * eps)
 
 
+def split_flat(theta, shapes):
+    """A flat parameter tensor as tensors of `shapes`."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    parts = tf.split(theta, sizes)
+    return [tf.reshape(p, s) for p, s in zip(parts, shapes)]
+
+
+def jacobian_hessian_of(loss_fn, theta0):
+    """Full Hessian of the scalar `loss_fn(theta)` by tape.jacobian, float64."""
+    theta = tf.constant(theta0, tf.float64)
+    with tf.GradientTape() as outer:
+        outer.watch(theta)
+        with tf.GradientTape() as inner:
+            inner.watch(theta)
+            loss = loss_fn(theta)
+        grad = inner.gradient(loss, theta)
+    hessian = outer.jacobian(grad, theta).numpy()
+    return (hessian + hessian.T) / 2
+
+
+def second_derivative_along(loss_vector_fn, theta0, direction):
+    """d^2/dt^2 of every entry of `loss_vector_fn(theta0 + t e)` at t = 0."""
+    t = tf.constant(0.0, tf.float64)
+    theta0 = tf.constant(theta0, tf.float64)
+    direction = tf.constant(direction, tf.float64)
+    with tf.GradientTape() as outer:
+        outer.watch(t)
+        with tf.GradientTape() as inner:
+            inner.watch(t)
+            losses = loss_vector_fn(theta0 + t * direction)
+        first = inner.jacobian(losses, t)
+    return outer.jacobian(first, t).numpy()
+
+
 def jacobian_hessian(model64, x, y, training, sample_weight=None):
     """Full float64 Hessian by tape.jacobian (wrong through normalization)."""
-    base = tf.constant(flat(model64.trainable_variables))
-    with tf.GradientTape() as outer:
-        outer.watch(base)
-        with tf.GradientTape() as inner:
-            inner.watch(base)
-            params = [
-                tf.reshape(p, v.shape)
-                for p, v in zip(
-                    tf.split(
-                        base,
-                        [
-                            int(np.prod(v.shape))
-                            for v in model64.trainable_variables
-                        ],
-                    ),
-                    model64.trainable_variables,
-                )
-            ]
-            loss = plain_loss(model64, params, x, y, training, sample_weight)
-        grad = inner.gradient(loss, base)
-    hessian = outer.jacobian(grad, base).numpy()
-    return (hessian + hessian.T) / 2
+    shapes = [v.shape for v in model64.trainable_variables]
+    return jacobian_hessian_of(
+        lambda theta: plain_loss(
+            model64, split_flat(theta, shapes), x, y, training, sample_weight
+        ),
+        flat(model64.trainable_variables),
+    )
 
 
 def snapshot(model):

@@ -28,6 +28,9 @@ from conftest import (
     flat,
     floatx,
     jacobian_hessian,
+    jacobian_hessian_of,
+    second_derivative_along,
+    split_flat,
     unflat,
 )
 
@@ -45,45 +48,12 @@ def softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def split_flat(theta, shapes):
-    sizes = [int(np.prod(s)) for s in shapes]
-    parts = tf.split(theta, sizes)
-    return [tf.reshape(p, s) for p, s in zip(parts, shapes)]
-
-
-def jacobian_hessian_of(loss_fn, theta0):
-    """Full Hessian of the scalar `loss_fn(theta)` by tape.jacobian, float64."""
-    theta = tf.constant(theta0, tf.float64)
-    with tf.GradientTape() as outer:
-        outer.watch(theta)
-        with tf.GradientTape() as inner:
-            inner.watch(theta)
-            loss = loss_fn(theta)
-        grad = inner.gradient(loss, theta)
-    hessian = outer.jacobian(grad, theta).numpy()
-    return (hessian + hessian.T) / 2
-
-
 def gradient_of(loss_fn, theta0):
     theta = tf.constant(theta0, tf.float64)
     with tf.GradientTape() as tape:
         tape.watch(theta)
         loss = loss_fn(theta)
     return tape.gradient(loss, theta).numpy()
-
-
-def second_derivative_along(loss_vector_fn, theta0, direction):
-    """d^2/dt^2 of every entry of `loss_vector_fn(theta0 + t e)` at t = 0."""
-    t = tf.constant(0.0, tf.float64)
-    theta0 = tf.constant(theta0, tf.float64)
-    direction = tf.constant(direction, tf.float64)
-    with tf.GradientTape() as outer:
-        outer.watch(t)
-        with tf.GradientTape() as inner:
-            inner.watch(t)
-            losses = loss_vector_fn(theta0 + t * direction)
-        first = inner.jacobian(losses, t)
-    return outer.jacobian(first, t).numpy()
 
 
 def library_hvp(model, data, v, **kwargs):

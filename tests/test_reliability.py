@@ -20,7 +20,10 @@ from conftest import (
     flat,
     floatx,
     jacobian_hessian,
+    jacobian_hessian_of,
     plain_gradient,
+    second_derivative_along,
+    split_flat,
     twin,
     unflat,
 )
@@ -284,22 +287,14 @@ def test_hessian_trace_issue_example_75_parameters_400_probes():
     model.compile(loss="mse")
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(10, 2)), rng.normal(size=(10, 3))
-    params = [tf.constant(v.numpy()) for v in model.trainable_variables]
-    sizes = [int(np.prod(p.shape)) for p in params]
-    assert sum(sizes) == 75
-    base = tf.constant(flat(params))
-    with tf.GradientTape() as outer:
-        outer.watch(base)
-        with tf.GradientTape() as inner:
-            inner.watch(base)
-            parts = [
-                tf.reshape(p, v.shape)
-                for p, v in zip(tf.split(base, sizes), params)
-            ]
-            pred = model.stateless_call(parts, [], x)[0]
-            loss = tf.reduce_mean(tf.square(pred - y))
-        grad = inner.gradient(loss, base)
-    hessian = outer.jacobian(grad, base).numpy()
+    shapes = [v.shape for v in model.trainable_variables]
+    assert sum(int(np.prod(s)) for s in shapes) == 75
+
+    def loss(theta):
+        pred = model.stateless_call(split_flat(theta, shapes), [], x)[0]
+        return tf.reduce_mean(tf.square(pred - y))
+
+    hessian = jacobian_hessian_of(loss, flat(model.trainable_variables))
     for method in ("hutch++", "hutchinson"):
         estimate = tfb.hessian_trace(
             model, (x, y), num_samples=400, method=method
@@ -745,22 +740,19 @@ def _reference_rows(model64, x, y, weights, microbatch_size):
 
 def _reference_curvature(model64, x, y, weights, direction):
     """e^T H_i e for every example: d^2/dt^2 of w_i l_i(theta + t e)."""
-    base = [tf.constant(v.numpy()) for v in model64.trainable_variables]
-    steps = [tf.constant(d) for d in unflat(direction, model64)]
-    t = tf.constant(0.0, tf.float64)
-    with tf.GradientTape() as outer:
-        outer.watch(t)
-        with tf.GradientTape() as inner:
-            inner.watch(t)
-            params = [b + t * s for b, s in zip(base, steps)]
-            y_pred = model64.stateless_call(params, [], x, training=True)[0]
-            losses = keras.losses.sparse_categorical_crossentropy(
-                y, y_pred, from_logits=True
-            )
-            if weights is not None:
-                losses = losses * weights
-        first = inner.jacobian(losses, t)
-    return outer.jacobian(first, t).numpy()
+    shapes = [v.shape for v in model64.trainable_variables]
+
+    def losses(theta):
+        params = split_flat(theta, shapes)
+        y_pred = model64.stateless_call(params, [], x, training=True)[0]
+        losses = keras.losses.sparse_categorical_crossentropy(
+            y, y_pred, from_logits=True
+        )
+        return losses if weights is None else losses * weights
+
+    return second_derivative_along(
+        losses, flat(model64.trainable_variables), direction
+    )
 
 
 class _Reference:
@@ -1276,21 +1268,14 @@ def test_half_precision_callbacks_in_a_fit(policy):
 
 def _reference_hessian(model64, x, y, per_example):
     """Full float64 Hessian of mean(per_example(y, model(x))), by jacobian."""
-    variables = model64.trainable_variables
-    sizes = [int(np.prod(v.shape)) for v in variables]
-    base = tf.constant(flat(variables))
-    with tf.GradientTape() as outer:
-        outer.watch(base)
-        with tf.GradientTape() as inner:
-            inner.watch(base)
-            params = [
-                tf.reshape(p, v.shape)
-                for p, v in zip(tf.split(base, sizes), variables)
-            ]
-            y_pred = model64.stateless_call(params, [], x, training=True)[0]
-            loss = tf.reduce_mean(per_example(y, y_pred))
-        grad = inner.gradient(loss, base)
-    return outer.jacobian(grad, base).numpy()
+    shapes = [v.shape for v in model64.trainable_variables]
+
+    def loss(theta):
+        params = split_flat(theta, shapes)
+        y_pred = model64.stateless_call(params, [], x, training=True)[0]
+        return tf.reduce_mean(per_example(y, y_pred))
+
+    return jacobian_hessian_of(loss, flat(model64.trainable_variables))
 
 
 def _reference_sample_gradients(model64, x, y, per_example):
