@@ -115,11 +115,11 @@ class _Timer:
 
     def add(self, name, fn):
         start = time.perf_counter()
-        self.result = fn()
+        result = fn()
         self.first[name] = time.perf_counter() - start
         self.functions[name] = fn
         self.times[name] = []
-        return self.result
+        return result
 
     def run(self, repeats):
         for _ in range(repeats):
@@ -168,7 +168,7 @@ def _ours(model, x, y, iterations):
     }
 
 
-def _report(name, timer, values, checks):
+def _report(name, timer, checks):
     rows = []
     pairs = [
         ("one gradient", "ours/gradient", "torch/gradient"),
@@ -269,7 +269,7 @@ def _run_model(name):
             checks[f"max |Gram {key} - ours| / max |ours|"] = float(
                 np.abs(values[key] - reference).max() / np.abs(reference).max()
             )
-    _report(name, timer, values, checks)
+    _report(name, timer, checks)
 
 
 def main(argv):
