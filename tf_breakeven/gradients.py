@@ -52,7 +52,12 @@ from tf_breakeven.functional import (
     pfor_safe_einsum,
     probe_batches,
 )
-from tf_breakeven.operators import ProbeOperator, cached_kernel, loss_key
+from tf_breakeven.operators import (
+    ProbeOperator,
+    cached_kernel,
+    check_fits,
+    loss_key,
+)
 from tf_breakeven.validation import ArgumentError, check_int
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
@@ -298,18 +303,13 @@ def _check_fits(kernel: GradientKernel, samples: Batch) -> None:
             for part in first
         )
     )
-    try:
-        kernel.function.per_example_losses(
-            kernel.function.read_parameters(),
-            kernel.function.read_state(),
-            *first,
-        )
-    except (ValueError, TypeError, tf.errors.OpError) as error:
-        raise ArgumentError(
-            f"The probe data does not fit the model or the loss: {error}. "
-            "Pass inputs shaped like the model's inputs and targets the "
-            "loss accepts."
-        ) from error
+    fn = kernel.function
+    check_fits(
+        lambda *batch: fn.per_example_losses(
+            fn.read_parameters(), fn.read_state(), *batch
+        ),
+        [first],
+    )
 
 
 def per_example_gradients(
