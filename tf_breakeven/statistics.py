@@ -284,11 +284,12 @@ def _finite_statistics(
     n = matrix.shape[0]
     stats = {}
     cov = _covariance_matrix(matrix, centered=True)
-    values, vectors = _eigh_descending(cov, _roundoff(matrix))
+    floor = _roundoff(matrix)
+    values, vectors = _eigh_descending(cov, floor)
     for name, value in _spectrum_statistics(cov, values, rtol).items():
         stats[f"grad_cov/{name}"] = value
     cov_u = _covariance_matrix(matrix, centered=False)
-    values_u, _ = _eigh_descending(cov_u, _roundoff(matrix))
+    values_u, _ = _eigh_descending(cov_u, floor)
     for name, value in _spectrum_statistics(cov_u, values_u, rtol).items():
         stats[f"grad_cov_uncentered/{name}"] = value
 
