@@ -731,6 +731,18 @@ BAD_CALLS = {
         lambda: linalg.lanczos(_identity, 4, 2, start_vector=tf.ones([5])),
         r"pass a vector of 4 entries",
     ),
+    "eigsh_negative_tol": (
+        lambda: linalg.eigsh(_identity, 5, tol=-1e-3),
+        r"`tol` must be a finite number >= 0",
+    ),
+    "eigsh_nan_tol": (
+        lambda: linalg.eigsh(_identity, 5, tol=float("nan")),
+        r"`tol` must be a finite number >= 0",
+    ),
+    "eigsh_string_tol": (
+        lambda: linalg.eigsh(_identity, 5, tol="1e-3"),
+        r"`tol` must be a number >= 0",
+    ),
     "unflatten_size_mismatch": (
         lambda: linalg.unflatten_tensors(tf.zeros([5]), [[2, 2]]),
         r"pass the shapes",
@@ -749,3 +761,121 @@ def test_bad_input_raises_value_error(call, match):
 def test_non_int_dim_raises_type_error():
     with pytest.raises(TypeError, match="must be a Python int"):
         linalg.eigsh(_identity, 5.0)
+
+
+# ------------------------------------------------ tolerance-based stopping
+
+
+def _true_residuals(matrix, result):
+    """||A u - theta u|| of each returned pair, in float64 numpy."""
+    values = np.asarray(result.eigenvalues, np.float64)
+    vectors = np.asarray(result.eigenvectors, np.float64)
+    return np.array(
+        [np.linalg.norm(matrix @ u - t * u) for t, u in zip(values, vectors)]
+    )
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-7])
+def test_eigsh_tol_stops_at_the_first_converged_step(which, tol):
+    matrix = _decaying()
+    exact = np.linalg.eigvalsh(matrix)
+    exact = exact[::-1][:2] if which == "largest" else exact[:2]
+    mv = _matvec(matrix)
+    result = linalg.eigsh(
+        mv, 60, 2, which=which, num_iterations=60, tol=tol, dtype=tf.float64
+    )
+    steps = int(result.num_iterations)
+    values = np.asarray(result.eigenvalues)
+    residuals = np.asarray(result.residuals)
+    assert 2 <= steps < 60
+    assert np.all(np.asarray(result.converged))
+    assert np.all(residuals <= tol * np.abs(values))
+    # The Ritz bound is the true residual of the returned pair ...
+    np.testing.assert_allclose(
+        residuals, _true_residuals(matrix, result), rtol=1e-6, atol=1e-12
+    )
+    # ... and bounds the eigenvalue error (an eigenvalue lies within it).
+    assert np.all(np.abs(values - exact) <= residuals + 1e-12)
+    # One step fewer (run to the end with tol=0) had not converged yet.
+    before = linalg.eigsh(
+        mv, 60, 2, which=which, num_iterations=steps - 1, dtype=tf.float64
+    )
+    assert int(before.num_iterations) == steps - 1
+    assert not np.all(
+        np.asarray(before.residuals)
+        <= tol * np.abs(np.asarray(before.eigenvalues))
+    )
+    # Stopping early changes nothing about the steps that were run.
+    fixed = linalg.eigsh(
+        mv, 60, 2, which=which, num_iterations=steps, dtype=tf.float64
+    )
+    np.testing.assert_allclose(values, fixed.eigenvalues, rtol=1e-12)
+
+
+def test_eigsh_tol_zero_runs_every_iteration():
+    result = linalg.eigsh(
+        _matvec(_decaying()), 60, 2, num_iterations=40, dtype=tf.float64
+    )
+    assert int(result.num_iterations) == 40
+    # Converged by then: the flags say so only against tol, here 0.
+    assert np.all(np.asarray(result.residuals) < 1e-8)
+
+
+def test_eigsh_tol_compiles_and_matches_eager():
+    mv = _matvec(_decaying(), tf.float32)
+
+    def solve():
+        return linalg.eigsh(mv, 60, 3, which="smallest", tol=1e-4)
+
+    compiled = tf.function(solve, jit_compile=True)()
+    eager = solve()
+    assert int(compiled.num_iterations) == int(eager.num_iterations) < 30
+    np.testing.assert_allclose(
+        compiled.eigenvalues, eager.eigenvalues, rtol=1e-5
+    )
+    assert np.all(np.asarray(compiled.converged))
+
+
+def test_eigsh_tol_is_traced_once():
+    matrix = tf.Variable(_decaying(), dtype=tf.float64)
+    solve = tf.function(
+        lambda: linalg.eigsh(
+            lambda v: tf.linalg.matvec(matrix, v), 60, 1, tol=1e-6,
+            dtype=tf.float64,
+        )
+    )
+    first = solve()
+    matrix.assign(_decaying() * 2.0)
+    second = solve()
+    assert solve.experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(
+        second.eigenvalues, 2.0 * np.asarray(first.eigenvalues), rtol=1e-8
+    )
+
+
+def test_eigsh_tol_on_zero_and_non_finite_operators():
+    zero = linalg.eigsh(
+        lambda v: 0.0 * v, 20, 2, tol=1e-3, dtype=tf.float64
+    )
+    assert int(zero.num_iterations) == 2
+    np.testing.assert_array_equal(zero.eigenvalues, [0.0, 0.0])
+    assert np.all(np.asarray(zero.converged))
+    nan = linalg.eigsh(
+        lambda v: v * np.nan, 20, 2, tol=1e-3, dtype=tf.float64
+    )
+    # A diverged operator stops at once and reports NaN, never converged.
+    assert int(nan.num_iterations) == 1
+    assert np.all(np.isnan(nan.eigenvalues))
+    assert not np.any(np.asarray(nan.converged))
+
+
+def test_eigsh_warm_start_from_an_eigenvector_stops_after_one_step():
+    matrix = _decaying()
+    top = np.linalg.eigh(matrix)[1][:, -1]
+    result = linalg.eigsh(
+        _matvec(matrix), 60, 1, tol=1e-6, start_vector=tf.constant(top),
+        dtype=tf.float64,
+    )
+    assert int(result.num_iterations) == 1
+    np.testing.assert_allclose(result.eigenvalues, [10.0], rtol=1e-12)

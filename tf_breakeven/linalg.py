@@ -41,6 +41,13 @@ Seed = int | tf.Tensor
 # a breakdown is harmless: after two Gram-Schmidt passes the noise is still
 # orthogonal to the basis and the iteration simply continues from it.
 _BREAKDOWN_EPS_POWER = 2.0 / 3.0
+# Lanczos reorthogonalizes against its basis in blocks of this many rows
+# (static shapes for XLA; rows past the current step are skipped).
+_BLOCK_ROWS = 8
+# A second reorthogonalization pass runs when the first one shrank the
+# vector below this fraction of its norm (Daniel, Gragg, Kaufman and
+# Stewart 1976: 1/sqrt(2)).
+_REORTHOGONALIZE_RATIO = 0.7071067811865476
 # Random draws use only integer stateless samplers: TF's float samplers
 # (stateless_normal/uniform) give different streams eagerly and under XLA,
 # while the Philox integer streams agree bitwise.
@@ -78,10 +85,19 @@ class EigenResult(NamedTuple):
     Attributes:
         eigenvalues: `[k]` eigenvalue estimates.
         eigenvectors: `[k, dim]` unit-norm eigenvector estimates as rows.
+        residuals: `[k]` residual norms `||A u - theta u||` of the pairs
+            (for `eigsh` the Ritz bound `|beta_n s_n|`, which equals it in
+            exact arithmetic); every pair has an eigenvalue of A within its
+            residual.
+        converged: `[k]` booleans, `residual <= tol * |theta|`.
+        num_iterations: the number of iterations run (a scalar tensor).
     """
 
     eigenvalues: tf.Tensor
     eigenvectors: tf.Tensor
+    residuals: Any = None
+    converged: Any = None
+    num_iterations: Any = None
 
 
 # ----------------------------------------------------------------- helpers
@@ -231,6 +247,32 @@ def _orthogonalize(vector: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
     return vector
 
 
+def _project_out_rows(
+    vector: tf.Tensor, basis: tf.Tensor, num_rows: tf.Tensor
+) -> tf.Tensor:
+    """One block Gram-Schmidt pass against the first `num_rows` rows.
+
+    `basis` has a multiple of `_BLOCK_ROWS` rows; blocks past `num_rows`
+    are skipped (their rows are zero or not yet orthogonal), so a pass
+    costs reading the rows in use, not the whole preallocated basis. The
+    blocks have a static shape, so this also compiles under XLA.
+    """
+    num_blocks = (num_rows + _BLOCK_ROWS - 1) // _BLOCK_ROWS
+
+    def body(b, vector):
+        block = tf.slice(basis, [b * _BLOCK_ROWS, 0], [_BLOCK_ROWS, -1])
+        coeffs = tf.linalg.matvec(block, vector)
+        return b + 1, vector - tf.linalg.matvec(block, coeffs, transpose_a=True)
+
+    _, vector = tf.while_loop(
+        lambda b, _: b < num_blocks,
+        body,
+        (tf.constant(0), vector),
+        maximum_iterations=basis.shape[0] // _BLOCK_ROWS,
+    )
+    return vector
+
+
 def _unit_start(
     start_vector: Any, dim: int, seed: Seed, counter: Any, dtype: tf.DType
 ) -> tf.Tensor:
@@ -253,6 +295,39 @@ def _unit_start(
 # ----------------------------------------------------------------- Lanczos
 
 
+def _lanczos_residual(
+    w: tf.Tensor, alpha: tf.Tensor, j: tf.Tensor, basis: tf.Tensor, betas
+) -> tf.Tensor:
+    """`w = A v_j` made orthogonal to the Lanczos vectors `v_0..v_j`.
+
+    The three-term recurrence removes the large components along v_j and
+    v_{j-1}; one pass over the rows in use then removes what rounding left
+    along the others, and a second pass runs only when the first removed a
+    large part (Daniel, Gragg, Kaufman and Stewart's test), as after a
+    breakdown.
+    """
+    previous = tf.maximum(j - 1, 0)
+    beta_previous = tf.where(
+        j > 0, tf.gather(betas, previous), tf.zeros([], w.dtype)
+    )
+    w = w - alpha * tf.gather(basis, j)
+    w = w - beta_previous * tf.gather(basis, previous)
+    norm_before = tf.norm(w)
+    w = _project_out_rows(w, basis, j + 1)
+    return tf.cond(
+        tf.norm(w) < _REORTHOGONALIZE_RATIO * norm_before,
+        lambda: _project_out_rows(w, basis, j + 1),
+        lambda: w,
+    )
+
+
+def _fresh_direction(basis: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A seeded random unit vector orthogonal to `basis` (a restart)."""
+    fresh = _normal([basis.shape[1]], seed, basis.dtype)
+    fresh = _orthogonalize(fresh, basis)
+    return tf.math.divide_no_nan(fresh, tf.norm(fresh))
+
+
 def _lanczos(
     matvec: Matvec,
     dim: int,
@@ -261,51 +336,66 @@ def _lanczos(
     seed: Seed,
     counter: Any,
     dtype: tf.DType,
-) -> LanczosResult:
-    """Lanczos without input checks; draws seeds [seed, counter + 0..m]."""
+    stop: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+) -> tuple[LanczosResult, tf.Tensor]:
+    """Lanczos without input checks; draws seeds [seed, counter + 0..m].
+
+    This function is long because the loop body, its state and the
+    early-stopping hook belong together.
+
+    After each step n (n = 1..m), `stop(n, alphas, betas)` (a boolean
+    scalar; `betas[n - 1]` is the norm of the residual of step n) may end
+    the iteration early; entries past n stay zero. Returns the result
+    (with the `[m]` betas) and the number of steps taken.
+    """
     m = num_iterations
     eps = float(np.finfo(dtype.as_numpy_dtype).eps)
     rtol = eps**_BREAKDOWN_EPS_POWER
     v0 = _unit_start(start_vector, dim, seed, counter, dtype)
-    # One spare row so that step j can always store v_{j+1}; it is dropped.
-    basis = tf.concat([v0[tf.newaxis], tf.zeros([m, dim], dtype)], axis=0)
+    # One spare row so that step j can always store v_{j+1} (it is dropped),
+    # padded to whole blocks for `_project_out_rows`.
+    rows = -(-(m + 1) // _BLOCK_ROWS) * _BLOCK_ROWS
+    basis = tf.concat([v0[tf.newaxis], tf.zeros([rows - 1, dim], dtype)], 0)
     alphas = tf.zeros([m], dtype)
     betas = tf.zeros([m], dtype)
 
-    def body(j, basis, alphas, betas, anorm):
+    def body(j, basis, alphas, betas, anorm, done):
         v = tf.gather(basis, j)
         w = _apply(matvec, v, dim)
         alpha = tf.tensordot(v, w, 1)
         anorm = tf.maximum(anorm, tf.norm(w))
-        w = _orthogonalize(w, basis)
+        w = _lanczos_residual(w, alpha, j, basis, betas)
         beta = tf.norm(w)
-        j_64 = tf.cast(j, tf.int64)
-
-        def restart():
-            fresh = _normal(
-                [dim], _seed(seed, tf.cast(counter, tf.int64) + 1 + j_64), dtype
-            )
-            fresh = _orthogonalize(fresh, basis)
-            return (
-                tf.math.divide_no_nan(fresh, tf.norm(fresh)),
-                tf.zeros_like(beta),
-            )
-
+        # Seed [seed, counter + 1 + j] for a restart after step j.
+        restart_seed = _seed(
+            seed, tf.cast(counter, tf.int64) + 1 + tf.cast(j, tf.int64)
+        )
         v_next, beta = tf.cond(
-            beta <= rtol * anorm, restart, lambda: (w / beta, beta)
+            beta <= rtol * anorm,
+            lambda: (_fresh_direction(basis, restart_seed), tf.zeros_like(beta)),
+            lambda: (w / beta, beta),
         )
         basis = tf.tensor_scatter_nd_update(basis, [[j + 1]], [v_next])
         alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [alpha])
         betas = tf.tensor_scatter_nd_update(betas, [[j]], [beta])
-        return j + 1, basis, alphas, betas, anorm
+        if stop is not None:
+            done = stop(j + 1, alphas, betas)
+        return j + 1, basis, alphas, betas, anorm, done
 
-    _, basis, alphas, betas, _ = tf.while_loop(
-        lambda j, *_: j < m,
+    steps, basis, alphas, betas, _, _ = tf.while_loop(
+        lambda j, *rest: tf.logical_and(j < m, tf.logical_not(rest[-1])),
         body,
-        (tf.constant(0), basis, alphas, betas, tf.zeros([], dtype)),
+        (
+            tf.constant(0),
+            basis,
+            alphas,
+            betas,
+            tf.zeros([], dtype),
+            tf.constant(False),
+        ),
         maximum_iterations=m,
     )
-    return LanczosResult(alphas, betas[: m - 1], basis[:m])
+    return LanczosResult(alphas, betas, basis[:m]), steps
 
 
 def lanczos(
@@ -352,7 +442,8 @@ def lanczos(
             "pass num_iterations <= dim (dim steps already span the space)."
         )
     dtype = _check_dtype(dtype)
-    return _lanczos(matvec, dim, m, start_vector, seed, 0, dtype)
+    result, _ = _lanczos(matvec, dim, m, start_vector, seed, 0, dtype)
+    return result._replace(betas=result.betas[: m - 1])
 
 
 def tridiagonal_eigh(
@@ -448,6 +539,69 @@ def eigsh_config(
     return min(num_iterations, dim)
 
 
+def _ritz(
+    alphas: tf.Tensor,
+    betas: tf.Tensor,
+    steps: tf.Tensor,
+    k: int,
+    which: str,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Top or bottom k Ritz pairs of the first `steps` Lanczos steps.
+
+    `alphas` and `betas` are the `[m]` coefficients of `_lanczos` (entries
+    past `steps` unused). The leading `steps x steps` block of T is
+    decomposed inside a static `[m, m]` matrix whose other diagonal entries
+    lie beyond the block's Gershgorin bound on the side away from the
+    wanted end, so they never rank among the k (for `steps >= k`).
+
+    Returns:
+        float64 `(values [k], vectors [m, k], residuals [k])`: the Ritz
+        values (descending for "largest", ascending for "smallest"), the
+        eigenvectors of T (zero past `steps`) and the residual bounds
+        `|beta_steps * s_steps|`.
+    """
+    alphas = tf.cast(alphas, tf.float64)
+    betas = tf.cast(betas, tf.float64)
+    m = alphas.shape[0]
+    active = tf.range(m) < steps
+    radius = tf.reduce_max(
+        tf.where(active, tf.abs(alphas), tf.zeros_like(alphas))
+    ) + 2.0 * tf.reduce_max(tf.where(active, tf.abs(betas), tf.zeros_like(betas)))
+    far = (2.0 * radius + 1.0) * (-1.0 if which == "largest" else 1.0)
+    diagonal = tf.where(active, alphas, far)
+    inner = tf.where(tf.range(m - 1) < steps - 1, betas[: m - 1], 0.0)
+    values, vectors = tridiagonal_eigh(diagonal, inner)
+    if which == "largest":
+        values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
+    else:
+        values, vectors = values[:k], vectors[:, :k]
+    vectors = tf.where(active[:, tf.newaxis], vectors, 0.0)
+    last = tf.gather(vectors, steps - 1)
+    residuals = tf.abs(tf.gather(betas, steps - 1) * last)
+    return values, vectors, residuals
+
+
+def _converged(values, residuals, tol) -> tf.Tensor:
+    return residuals <= tf.cast(tol, residuals.dtype) * tf.abs(
+        tf.cast(values, residuals.dtype)
+    )
+
+
+def _stopping_rule(k: int, which: str, tol: float) -> Callable[..., Any]:
+    """`stop(steps, alphas, betas)` for `_lanczos`: True once the k wanted
+    Ritz pairs meet `tol`, or when the operator gave a non-finite value."""
+
+    def stop(steps, alphas, betas):
+        values, _, residuals = _ritz(alphas, betas, steps, k, which)
+        finite = tf.reduce_all(tf.math.is_finite(values))
+        converged = tf.reduce_all(_converged(values, residuals, tol))
+        return tf.logical_or(
+            tf.logical_not(finite), tf.logical_and(steps >= k, converged)
+        )
+
+    return stop
+
+
 def eigsh(
     matvec: Matvec,
     dim: int,
@@ -455,11 +609,28 @@ def eigsh(
     *,
     which: str = "largest",
     num_iterations: int | None = None,
+    tol: float = 0.0,
     start_vector: tf.Tensor | None = None,
     seed: Seed = 0,
     dtype: Any = tf.float32,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by Lanczos (Ritz pairs).
+
+    This function is long because its docstring states the stopping rule
+    and what it guarantees.
+
+    With `tol > 0` the iteration stops at the first step n >= k at which
+    every wanted Ritz pair has a residual bound `|beta_n s_n| <= tol *
+    |theta|` (the stopping rule of ARPACK), or when the operator gives a
+    non-finite value; `tol=0` runs all `num_iterations`. Each Ritz value is
+    then within `tol * |theta|` of an eigenvalue of A, and usually much
+    closer (the error of a Ritz value shrinks like the square of its
+    residual). The test costs one `[m, m]` tridiagonal eigensolve per step,
+    negligible next to a matvec, and stays on the device.
+
+    A single-vector Lanczos sees one copy of a repeated eigenvalue until its
+    Krylov space is exhausted, so with `tol > 0` it can stop before finding
+    the other copies; `tol=0` with `num_iterations=dim` finds them all.
 
     Args:
         matvec: symmetric operator mapping `[dim]` to `[dim]`.
@@ -468,32 +639,59 @@ def eigsh(
         which: "largest" (algebraically largest, sorted descending) or
             "smallest" (algebraically smallest, sorted ascending); negative
             eigenvalues count by sign, not magnitude.
-        num_iterations: Lanczos steps; default `min(dim, max(2 * k + 20,
-            30))`. Values above `dim` are clipped to `dim`, which makes the
-            result exact up to rounding.
+        num_iterations: the most Lanczos steps; default `min(dim, max(2 * k
+            + 20, 30))`. Values above `dim` are clipped to `dim`, which makes
+            the result exact up to rounding.
+        tol: relative residual at which to stop (>= 0; 0 = never early).
         start_vector: optional `[dim]` warm start (e.g. the previous top
             eigenvector).
         seed: int or integer scalar tensor for the random start/restarts.
         dtype: working dtype; the tridiagonal problem is solved in float64.
 
     Returns:
-        `EigenResult(eigenvalues [k] in dtype, eigenvectors [k, dim])`, the
-        eigenvectors being the Ritz vectors `S^T V` as unit rows.
+        `EigenResult`: eigenvalues `[k]` in dtype, eigenvectors `[k, dim]`
+        (the Ritz vectors `S^T V` as unit rows), float64 residual bounds,
+        `converged` flags (against `tol`; all False when `tol=0` unless the
+        residual is exactly zero) and the number of steps run.
 
     References:
-        Golub and Van Loan, Matrix Computations, 4th ed., chapter 10.
+        Golub and Van Loan, Matrix Computations, 4th ed., chapter 10;
+        Lehoucq, Sorensen and Yang, ARPACK Users' Guide (1998), 4.6.
     """
     m = eigsh_config(dim, k, which=which, num_iterations=num_iterations)
+    tol = check_tol(tol)
     dtype = _check_dtype(dtype)
-    result = _lanczos(matvec, dim, m, start_vector, seed, 0, dtype)
-    values, vectors = tridiagonal_eigh(result.alphas, result.betas)
-    if which == "largest":
-        values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
-    else:
-        values, vectors = values[:k], vectors[:, :k]
+    stop = _stopping_rule(k, which, tol) if tol > 0 else None
+    result, steps = _lanczos(
+        matvec, dim, m, start_vector, seed, 0, dtype, stop=stop
+    )
+    values, vectors, residuals = _ritz(
+        result.alphas, result.betas, steps, k, which
+    )
     ritz = tf.matmul(tf.cast(vectors, dtype), result.basis, transpose_a=True)
     ritz = tf.math.l2_normalize(ritz, axis=1)
-    return EigenResult(tf.cast(values, dtype), ritz)
+    return EigenResult(
+        tf.cast(values, dtype),
+        ritz,
+        residuals,
+        _converged(values, residuals, tol),
+        steps,
+    )
+
+
+def check_tol(tol: Any) -> float:
+    """`tol` as a float >= 0, or an `ArgumentError` saying how to fix it."""
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)):
+        raise ArgumentError(
+            f"`tol` must be a number >= 0; got {tol!r}. Pass e.g. tol=1e-3, "
+            "or tol=0.0 to run every iteration."
+        )
+    if not np.isfinite(tol) or tol < 0:
+        raise ArgumentError(
+            f"`tol` must be a finite number >= 0; got {tol!r}. Pass e.g. "
+            "tol=1e-3, or tol=0.0 to run every iteration."
+        )
+    return float(tol)
 
 
 def power_iteration(
@@ -724,8 +922,8 @@ def slq(
     dtype = _check_dtype(dtype)
 
     def run(r):
-        result = _lanczos(matvec, dim, m, None, seed, r * (m + 1), dtype)
-        return result.alphas, result.betas
+        result, _ = _lanczos(matvec, dim, m, None, seed, r * (m + 1), dtype)
+        return result.alphas, result.betas[: m - 1]
 
     alphas, betas = tf.map_fn(
         run,
