@@ -178,6 +178,60 @@ def test_top_and_bottom_eigenpairs_match_eigh_in_float32():
     )
 
 
+def test_default_call_stops_on_the_residual_bound_and_reports_it():
+    _, model64, data, (eigenvalues, _) = _spectrum_case()
+    hessian = jacobian_hessian(model64, *data, training=True)
+    for tol in (1e-2, 1e-5):
+        pairs = tfb.hessian_eigenpairs(model64, data, k=2, tol=tol)
+        values, vectors = pairs  # still unpacks as before
+        assert pairs.tol == tol
+        assert np.all(pairs.converged)
+        assert 2 <= pairs.num_iterations < eigenvalues.size
+        true_residuals = [
+            np.linalg.norm(hessian @ flat(u) - lam * flat(u))
+            for lam, u in zip(values, vectors)
+        ]
+        np.testing.assert_allclose(
+            pairs.residuals,
+            true_residuals,
+            rtol=1e-5,
+            atol=1e-10 * np.abs(eigenvalues).max(),  # float64 roundoff
+        )
+        assert np.all(pairs.residuals <= tol * np.abs(values))
+        # An eigenvalue of H lies within each residual: here the top two.
+        assert np.all(
+            np.abs(values - eigenvalues[::-1][:2])
+            <= pairs.residuals + 1e-12
+        )
+    full = tfb.hessian_eigenpairs(model64, data, k=2, tol=0.0)
+    assert full.num_iterations == min(30, eigenvalues.size)
+
+
+def test_solvers_are_shared_by_operators_on_data_of_the_same_shape(
+    monkeypatch,
+):
+    _, model64, _, _ = _spectrum_case()
+    traces = []
+    eigsh = tfb.linalg.eigsh
+
+    def counting(*args, **kwargs):
+        traces.append(1)  # Python runs only while tracing
+        return eigsh(*args, **kwargs)
+
+    monkeypatch.setattr(tfb.linalg, "eigsh", counting)
+    tops = []
+    for seed in (11, 12):
+        x, y = data_for("mlp", n=16, seed=seed)
+        tops.append(tfb.hessian_eigenvalues(model64, (x, y), tol=1e-8)[0])
+        exact = np.linalg.eigvalsh(jacobian_hessian(model64, x, y, True))
+        # Each call measures its own data, not the first call's.
+        assert tops[-1] == pytest.approx(exact[-1], rel=1e-7)
+    assert len(traces) == 1
+    assert abs(tops[0] - tops[1]) > 1e-3 * abs(tops[0])
+    tfb.hessian_eigenvalues(model64, data_for("mlp", n=8, seed=13), tol=1e-8)
+    assert len(traces) == 2  # a new batch shape traces once more
+
+
 def test_warm_start_and_seeds_are_deterministic():
     model = build("mlp")
     data = data_for("mlp")

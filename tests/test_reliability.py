@@ -311,10 +311,12 @@ def test_hessian_eigenvalues_with_k_and_iterations_beyond_the_dimension(
     dim = hessian.shape[0]
     reference = np.linalg.eigvalsh(hessian)
     scale = np.abs(reference).max()
-    top = tfb.hessian_eigenvalues(model64, data, k=dim, num_iterations=dim + 30)
+    top = tfb.hessian_eigenvalues(
+        model64, data, k=dim, num_iterations=dim + 30, tol=0.0
+    )
     np.testing.assert_allclose(top, reference[::-1], atol=1e-9 * scale)
     bottom = tfb.hessian_eigenvalues(
-        model64, data, k=3, which="smallest", num_iterations=10 * dim
+        model64, data, k=3, which="smallest", num_iterations=10 * dim, tol=0.0
     )
     np.testing.assert_allclose(bottom, reference[:3], atol=1e-9 * scale)
     grid, density = tfb.hessian_spectral_density(
@@ -793,7 +795,9 @@ def _close(got, expected, atol):
 
 def _check_eigenpairs(model, ref):
     dim = len(ref.hessian)
-    pairs = tfb.hessian_eigenpairs(model, ref.data, k=2, num_iterations=dim)
+    pairs = tfb.hessian_eigenpairs(
+        model, ref.data, k=2, num_iterations=dim, tol=0.0
+    )
     _close(pairs.eigenvalues, ref.eigenvalues[::-1][:2], 1e-9 * ref.scale)
     vectors = np.stack([flat(v) for v in pairs.eigenvectors])
     _close(np.linalg.norm(vectors, axis=1), [1.0, 1.0], 1e-9)
@@ -805,7 +809,7 @@ def _check_eigenpairs(model, ref):
 def _check_smallest(model, ref):
     op = tfb.HessianOperator(model, ref.data)
     values = op.eigenpairs(
-        k=1, which="smallest", num_iterations=op.dim
+        k=1, which="smallest", num_iterations=op.dim, tol=0.0
     ).eigenvalues
     _close(values, ref.eigenvalues[:1], 1e-9 * ref.scale)
     return values
@@ -1379,7 +1383,7 @@ def test_each_loss_with_its_labels_is_measured_exactly(case, measurement):
         hessian = _reference_hessian(model, x, y, per_example)
         reference = np.linalg.eigvalsh(hessian)[::-1][:2]
         values = tfb.hessian_eigenvalues(
-            model, (x, y), k=2, loss=loss, num_iterations=len(hessian)
+            model, (x, y), k=2, loss=loss, num_iterations=len(hessian), tol=0.0
         )
     else:
         rows = _reference_sample_gradients(model, x, y, per_example)
@@ -1515,7 +1519,7 @@ def test_multi_output_model_with_a_loss_function_is_exact(structure):
     scale = max(1.0, float(np.abs(hessian).max()))
     kwargs = {"loss": _two_output_loss}
     values = tfb.hessian_eigenvalues(
-        model, data, k=3, num_iterations=len(hessian), **kwargs
+        model, data, k=3, num_iterations=len(hessian), tol=0.0, **kwargs
     )
     _close(values, np.linalg.eigvalsh(hessian)[::-1][:3], 1e-9 * scale)
     trace = tfb.hessian_trace(model, data, num_samples=len(hessian), **kwargs)

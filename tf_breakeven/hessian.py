@@ -24,6 +24,7 @@ tangents arrive as `IndexedSlices` and are densified (docs/pitfalls.md#P3).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ from tf_breakeven.functional import (
 from tf_breakeven.operators import (
     Kernel,
     ProbeOperator,
+    batch_signature,
     cached_kernel,
     loss_key,
 )
@@ -241,6 +243,24 @@ class HessianOperator(ProbeOperator):
         """H v on a flat vector of length `dim` (for `linalg` solvers)."""
         return self.to_flat(self._matvec(self.from_flat(vector)))
 
+    def solver_inputs(self) -> tuple[HessianKernel, tuple, list[Batch]]:
+        """`(kernel, probe signature, batches)`: the solvers of `spectrum`
+        take the batches as arguments, so every operator of this kernel on
+        batches of the same shapes shares their traces."""
+        key = (
+            tuple(batch_signature(b) for b in self.batches),
+            self.num_examples,
+            self.jit_compile,
+            self.strategy is None,
+        )
+        return self.kernel, key, self.batches
+
+    def with_inputs(self, batches: list[Batch] | None) -> HessianOperator:
+        """A copy of this operator on `batches` (of the same shapes)."""
+        bound = copy.copy(self)
+        bound.batches = batches
+        return bound
+
     def directional_curvature(self, direction: Sequence[Any]) -> tf.Tensor:
         """`e^T H_i e` for every probe example; see
         `tf_breakeven.curvature.directional_curvature`."""
@@ -302,6 +322,7 @@ def hessian_eigenpairs(
     *,
     which: str = "largest",
     num_iterations: int | None = None,
+    tol: float = spectrum.DEFAULT_TOL,
     seed: int = 0,
     start_vector: Sequence[Any] | None = None,
     loss: LossLike = None,
@@ -312,12 +333,15 @@ def hessian_eigenpairs(
 ) -> Eigenpairs:
     """Top (`which="largest"`, descending) or bottom (ascending) k eigenpairs.
 
-    Lanczos with full reorthogonalization on Hessian-vector products; see
+    Lanczos with full reorthogonalization on Hessian-vector products,
+    stopping once every pair's residual is below `tol` relative to its
+    eigenvalue (default 1e-2; `tol=0.0` runs all `num_iterations`); see
     `spectrum.eigenpairs` and `linalg.eigsh` (default number of
-    iterations).
+    iterations). Calls on data of the same shapes reuse one trace.
 
     Returns:
-        `Eigenpairs(eigenvalues, eigenvectors)`.
+        `Eigenpairs(eigenvalues, eigenvectors)`, with `residuals`,
+        `converged` and `num_iterations` attributes.
     """
     op = HessianOperator(
         model,
@@ -333,6 +357,7 @@ def hessian_eigenpairs(
         k,
         which=which,
         num_iterations=num_iterations,
+        tol=tol,
         seed=seed,
         start_vector=start_vector,
     )
