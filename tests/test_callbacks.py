@@ -68,7 +68,7 @@ def test_hessian_spectrum_equals_direct_eigenvalues():
     def direct(m):
         op = tfb.HessianOperator(m, probe)
         return (
-            op.eigenpairs(k=2).eigenvalues,
+            op.eigenpairs(k=2),
             op.trace(num_samples=30),
             op.eigenpairs(1, which="smallest").eigenvalues[0],
         )
@@ -76,14 +76,21 @@ def test_hessian_spectrum_equals_direct_eigenvalues():
     check = _DirectAtMeasurement(spectrum, direct)
     history = _fit(model, [spectrum, check])
     assert [r["step"] for r, _ in check.pairs] == [2, 5]
-    for record, (top, trace, smallest) in check.pairs:
+    for record, (pairs, trace, smallest) in check.pairs:
+        top = pairs.eigenvalues
         assert record["hessian/lambda_1"] == pytest.approx(top[0], rel=1e-6)
         assert record["hessian/lambda_2"] == pytest.approx(top[1], rel=1e-6)
+        for j in range(2):
+            assert record[f"hessian/residual_{j + 1}"] == pytest.approx(
+                pairs.residuals[j], rel=1e-5, abs=1e-9
+            )
+        assert record["hessian/converged"] == float(all(pairs.converged))
+        assert record["hessian/lanczos_steps"] == pairs.num_iterations
         assert record["hessian/trace"] == pytest.approx(trace, rel=1e-6)
         assert record["hessian/lambda_min"] == pytest.approx(smallest, rel=1e-6)
     # The latest values reach the epoch logs (History, CSVLogger, progbar).
     assert history.history["hessian/lambda_1"][-1] == pytest.approx(
-        check.pairs[-1][1][0][0], rel=1e-6
+        check.pairs[-1][1][0].eigenvalues[0], rel=1e-6
     )
 
 

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from tf_breakeven import curvature, stability
+from tf_breakeven import curvature, spectrum, stability
 from tf_breakeven.callbacks.base import (
     Measurement,
     MeasurementCallback,
@@ -195,8 +195,8 @@ class BreakEven(MeasurementCallback):
         on_break_even: optional callable run when the point is reached.
         learning_rate, momentum: override what is read from the optimizer
             (a float or a callable of the step).
-        k, num_iterations, warm_start, seed: the Lanczos measurement (see
-            `HessianSpectrum`).
+        k, num_iterations, tol, warm_start, seed: the Lanczos measurement
+            (see `HessianSpectrum`).
         **kwargs: `schedule`, `recorder`, `loss`, `training`, `jit_compile`
             (see `MeasurementCallback`).
     """
@@ -213,12 +213,17 @@ class BreakEven(MeasurementCallback):
         momentum: Hyperparameter = None,
         k: int = 1,
         num_iterations: int | None = None,
+        tol: float = spectrum.DEFAULT_TOL,
         warm_start: bool = True,
         seed: int = 0,
         **kwargs: Any,
     ):
         hessian = TopEigenpairs(
-            k, num_iterations=num_iterations, warm_start=warm_start, seed=seed
+            k,
+            num_iterations=num_iterations,
+            tol=tol,
+            warm_start=warm_start,
+            seed=seed,
         )
         measurement = StabilityMeasurement(
             hessian,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_breakeven import spectrum
+from tf_breakeven import linalg, spectrum
 from tf_breakeven.callbacks.base import (
     Measurement,
     MeasurementCallback,
@@ -22,6 +23,10 @@ from tf_breakeven.validation import ArgumentError, check_int
 class TopEigenpairs(Measurement):
     """`hessian/lambda_1..k` by Lanczos, optionally warm-started.
 
+    Also records each pair's residual norm `hessian/residual_1..k` (an
+    eigenvalue of H lies within it), `hessian/converged` (1.0 when every
+    pair met `tol`, else 0.0) and `hessian/lanczos_steps`.
+
     Attributes:
         operator: the `HessianOperator` on the probe (after `setup`).
         top_eigenvector: the last measured top eigenvector, or None (also
@@ -34,11 +39,13 @@ class TopEigenpairs(Measurement):
         k: int = 1,
         *,
         num_iterations: int | None = None,
+        tol: float = spectrum.DEFAULT_TOL,
         warm_start: bool = True,
         seed: int = 0,
     ):
         self.k = check_int("k", k, 1)
         self.num_iterations = num_iterations
+        self.tol = linalg.check_tol(tol)
         self.warm_start = warm_start
         self.seed = seed
         self.operator: HessianOperator | None = None
@@ -46,12 +53,17 @@ class TopEigenpairs(Measurement):
         self.pairs: spectrum.Eigenpairs | None = None
 
     def keys(self) -> list[str]:
-        return [f"hessian/lambda_{i + 1}" for i in range(self.k)]
+        return (
+            [f"hessian/lambda_{i + 1}" for i in range(self.k)]
+            + [f"hessian/residual_{i + 1}" for i in range(self.k)]
+            + ["hessian/converged", "hessian/lanczos_steps"]
+        )
 
     def config(self) -> dict[str, Any]:
         return {
             "k": self.k,
             "num_iterations": self.num_iterations,
+            "tol": self.tol,
             "warm_start": self.warm_start,
             "num_examples": self.operator.num_examples
             if self.operator
@@ -79,18 +91,28 @@ class TopEigenpairs(Measurement):
             self.operator,
             self.k,
             num_iterations=self.num_iterations,
+            tol=self.tol,
             seed=self.seed,
             start_vector=start,
         )
         finite = np.all(np.isfinite(pairs.eigenvalues))
         self.top_eigenvector = pairs.eigenvectors[0] if finite else None
         self.pairs = pairs
-        return Result(
+        metrics = {
+            f"hessian/lambda_{i + 1}": float(v)
+            for i, v in enumerate(pairs.eigenvalues)
+        }
+        metrics.update(
             {
-                f"hessian/lambda_{i + 1}": float(v)
-                for i, v in enumerate(pairs.eigenvalues)
+                f"hessian/residual_{i + 1}": float(r) if finite else math.nan
+                for i, r in enumerate(pairs.residuals)
             }
         )
+        metrics["hessian/converged"] = (
+            float(np.all(pairs.converged)) if finite else math.nan
+        )
+        metrics["hessian/lanczos_steps"] = float(pairs.num_iterations)
+        return Result(metrics)
 
 
 class HessianSpectrumMeasurement(TopEigenpairs):
@@ -153,7 +175,10 @@ class HessianSpectrum(MeasurementCallback):
     Args:
         data: probe set.
         k: number of top eigenvalues.
-        num_iterations: Lanczos steps (None: `linalg.eigsh`'s default).
+        num_iterations: the most Lanczos steps (None: `linalg.eigsh`'s
+            default).
+        tol: stop once every pair's residual is below `tol` times its
+            eigenvalue (default 1e-2; 0.0 runs all `num_iterations`).
         warm_start: start Lanczos from the previous top eigenvector; with
             few `num_iterations` this is the cheap tracking mode.
         trace: also estimate Tr(H) with `trace_samples` HVPs.
@@ -170,6 +195,7 @@ class HessianSpectrum(MeasurementCallback):
         k: int = 1,
         *,
         num_iterations: int | None = None,
+        tol: float = spectrum.DEFAULT_TOL,
         warm_start: bool = True,
         trace: bool = False,
         trace_samples: int = 30,
@@ -181,6 +207,7 @@ class HessianSpectrum(MeasurementCallback):
         measurement = HessianSpectrumMeasurement(
             k,
             num_iterations=num_iterations,
+            tol=tol,
             warm_start=warm_start,
             trace=trace,
             trace_samples=trace_samples,
