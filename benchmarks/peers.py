@@ -332,6 +332,27 @@ def _cell(value):
     return value
 
 
+def _derived_ratios(medians: dict) -> dict:
+    """HVP / gradient on each side, and each solver's cost per step over
+    one HVP minus 1 (its overhead; issue 11 asks <= 5% for Lanczos)."""
+    nan = float("nan")
+    get = medians.get
+    iterations = _ITERATIONS.value
+    return {
+        "HVP / gradient, ours": get("ours/hvp", nan) / get("ours/gradient", nan),
+        "HVP / gradient, PyHessian / torch": get("pyhessian/hvp", nan)
+        / get("torch/gradient", nan),
+        "Lanczos step / HVP - 1, ours": get("ours/top_fixed", nan)
+        / iterations
+        / get("ours/hvp", nan)
+        - 1,
+        "power step / HVP - 1, PyHessian": get("pyhessian/top_fixed", nan)
+        / iterations
+        / get("pyhessian/hvp", nan)
+        - 1,
+    }
+
+
 def _checks(ours: dict, peer: dict) -> dict:
     """The agreement checks of one model, `{label: value}`."""
     nan = float("nan")
@@ -374,6 +395,7 @@ def _checks(ours: dict, peer: dict) -> dict:
                 np.abs(np.array(values[key]) - reference).max()
                 / np.abs(reference).max()
             )
+    checks.update(_derived_ratios(ours["median"] | peer["median"]))
     for key, error in (ours["errors"] | peer["errors"]).items():
         label = "failed" if key.startswith("ours/") else "unsupported"
         checks[f"{key} {label}"] = error
