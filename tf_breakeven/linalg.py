@@ -41,9 +41,6 @@ Seed = int | tf.Tensor
 # a breakdown is harmless: after two Gram-Schmidt passes the noise is still
 # orthogonal to the basis and the iteration simply continues from it.
 _BREAKDOWN_EPS_POWER = 2.0 / 3.0
-# Lanczos reorthogonalizes against its basis in blocks of this many rows
-# (static shapes for XLA; rows past the current step are skipped).
-_BLOCK_ROWS = 8
 # A second reorthogonalization pass runs when the first one shrank the
 # vector below this fraction of its norm (Daniel, Gragg, Kaufman and
 # Stewart 1976: 1/sqrt(2)).
@@ -239,36 +236,25 @@ def _finite_or_nan(value: tf.Tensor) -> tf.Tensor:
     )
 
 
-def _orthogonalize(vector: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
-    # Classical Gram-Schmidt twice ("twice is enough"); zero rows are inert.
-    for _ in range(2):
-        coeffs = tf.linalg.matvec(basis, vector)
-        vector = vector - tf.linalg.matvec(basis, coeffs, transpose_a=True)
-    return vector
-
-
 def _project_out_rows(
-    vector: tf.Tensor, basis: tf.Tensor, num_rows: tf.Tensor
+    vector: tf.Tensor, rows: tf.TensorArray, num_rows: tf.Tensor
 ) -> tf.Tensor:
-    """One block Gram-Schmidt pass against the first `num_rows` rows.
+    """One modified Gram-Schmidt pass against rows `0..num_rows - 1`.
 
-    `basis` has a multiple of `_BLOCK_ROWS` rows; blocks past `num_rows`
-    are skipped (their rows are zero or not yet orthogonal), so a pass
-    costs reading the rows in use, not the whole preallocated basis. The
-    blocks have a static shape, so this also compiles under XLA.
+    The rows live in a `TensorArray`, read without copies, so a pass costs
+    reading the rows in use (and a step of Lanczos writes one row, never
+    the whole basis, which a stacked tensor would copy every step).
     """
-    num_blocks = (num_rows + _BLOCK_ROWS - 1) // _BLOCK_ROWS
 
-    def body(b, vector):
-        block = tf.slice(basis, [b * _BLOCK_ROWS, 0], [_BLOCK_ROWS, -1])
-        coeffs = tf.linalg.matvec(block, vector)
-        return b + 1, vector - tf.linalg.matvec(block, coeffs, transpose_a=True)
+    def body(i, vector):
+        row = rows.read(i)
+        return i + 1, vector - tf.tensordot(row, vector, 1) * row
 
     _, vector = tf.while_loop(
-        lambda b, _: b < num_blocks,
+        lambda i, _: i < num_rows,
         body,
         (tf.constant(0), vector),
-        maximum_iterations=basis.shape[0] // _BLOCK_ROWS,
+        maximum_iterations=rows.size(),
     )
     return vector
 
@@ -296,7 +282,7 @@ def _unit_start(
 
 
 def _lanczos_residual(
-    w: tf.Tensor, alpha: tf.Tensor, j: tf.Tensor, basis: tf.Tensor, betas
+    w: tf.Tensor, alpha: tf.Tensor, j: tf.Tensor, rows: tf.TensorArray, betas
 ) -> tf.Tensor:
     """`w = A v_j` made orthogonal to the Lanczos vectors `v_0..v_j`.
 
@@ -310,21 +296,25 @@ def _lanczos_residual(
     beta_previous = tf.where(
         j > 0, tf.gather(betas, previous), tf.zeros([], w.dtype)
     )
-    w = w - alpha * tf.gather(basis, j)
-    w = w - beta_previous * tf.gather(basis, previous)
+    w = w - alpha * rows.read(j)
+    w = w - beta_previous * rows.read(previous)
     norm_before = tf.norm(w)
-    w = _project_out_rows(w, basis, j + 1)
+    w = _project_out_rows(w, rows, j + 1)
     return tf.cond(
         tf.norm(w) < _REORTHOGONALIZE_RATIO * norm_before,
-        lambda: _project_out_rows(w, basis, j + 1),
+        lambda: _project_out_rows(w, rows, j + 1),
         lambda: w,
     )
 
 
-def _fresh_direction(basis: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """A seeded random unit vector orthogonal to `basis` (a restart)."""
-    fresh = _normal([basis.shape[1]], seed, basis.dtype)
-    fresh = _orthogonalize(fresh, basis)
+def _fresh_direction(
+    rows: tf.TensorArray, num_rows: tf.Tensor, seed: tf.Tensor, like: tf.Tensor
+) -> tf.Tensor:
+    """A seeded random unit vector orthogonal to the first `num_rows` rows
+    (a restart): Gram-Schmidt twice ("twice is enough")."""
+    fresh = _normal(like.shape, seed, like.dtype)
+    for _ in range(2):
+        fresh = _project_out_rows(fresh, rows, num_rows)
     return tf.math.divide_no_nan(fresh, tf.norm(fresh))
 
 
@@ -352,15 +342,15 @@ def _lanczos(
     eps = float(np.finfo(dtype.as_numpy_dtype).eps)
     rtol = eps**_BREAKDOWN_EPS_POWER
     v0 = _unit_start(start_vector, dim, seed, counter, dtype)
-    # One spare row so that step j can always store v_{j+1} (it is dropped),
-    # padded to whole blocks for `_project_out_rows`.
-    rows = -(-(m + 1) // _BLOCK_ROWS) * _BLOCK_ROWS
-    basis = tf.concat([v0[tf.newaxis], tf.zeros([rows - 1, dim], dtype)], 0)
+    # One spare row so that step j can always store v_{j+1} (it is dropped).
+    basis = tf.TensorArray(
+        dtype, size=m + 1, element_shape=[dim], clear_after_read=False
+    ).write(0, v0)
     alphas = tf.zeros([m], dtype)
     betas = tf.zeros([m], dtype)
 
     def body(j, basis, alphas, betas, anorm, done):
-        v = tf.gather(basis, j)
+        v = basis.read(j)
         w = _apply(matvec, v, dim)
         alpha = tf.tensordot(v, w, 1)
         anorm = tf.maximum(anorm, tf.norm(w))
@@ -372,10 +362,13 @@ def _lanczos(
         )
         v_next, beta = tf.cond(
             beta <= rtol * anorm,
-            lambda: (_fresh_direction(basis, restart_seed), tf.zeros_like(beta)),
+            lambda: (
+                _fresh_direction(basis, j + 1, restart_seed, w),
+                tf.zeros_like(beta),
+            ),
             lambda: (w / beta, beta),
         )
-        basis = tf.tensor_scatter_nd_update(basis, [[j + 1]], [v_next])
+        basis = basis.write(j + 1, v_next)
         alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [alpha])
         betas = tf.tensor_scatter_nd_update(betas, [[j]], [beta])
         if stop is not None:
@@ -395,7 +388,7 @@ def _lanczos(
         ),
         maximum_iterations=m,
     )
-    return LanczosResult(alphas, betas, basis[:m]), steps
+    return LanczosResult(alphas, betas, basis.stack()[:m]), steps
 
 
 def lanczos(
@@ -409,8 +402,11 @@ def lanczos(
 ) -> LanczosResult:
     """Lanczos tridiagonalization with full reorthogonalization.
 
-    Each new vector is orthogonalized against the whole (preallocated,
-    zero-padded) basis by classical Gram-Schmidt applied twice. When the
+    Each new vector has the three-term recurrence subtracted and is then
+    orthogonalized against every earlier Lanczos vector by one modified
+    Gram-Schmidt pass (a second one when the first removed more than
+    1 - 1/sqrt(2) of its norm); the vectors are kept in a `TensorArray`,
+    so a step costs reading the vectors so far, not copying the basis. When the
     residual vanishes (the Krylov space is invariant, e.g. for repeated or
     zero eigenvalues), the beta is set to 0 and the iteration continues from
     a fresh seeded random vector orthogonal to the basis, so
