@@ -454,8 +454,8 @@ def test_hvp_forward_over_backward_equals_backward_over_backward(case):
     data = data_for(model, 4)
     rng = np.random.default_rng(1)
     v = unflat(rng.normal(size=num_trainable(model)).astype("float32"), model)
-    assert tfb.HessianOperator(model, data).method == "forward_over_backward"
-    forward = hvp(model, data, v)
+    assert tfb.HessianOperator(model, data).method == "backward_over_backward"
+    forward = hvp(model, data, v, "forward_over_backward")
     assert np.max(np.abs(forward)) > 0
     reference = hvp(model, data, v, "backward_over_backward")
     assert rel_err(forward, reference) < 1e-5

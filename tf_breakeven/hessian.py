@@ -120,6 +120,14 @@ class HessianKernel(Kernel):
             tangents = outer.gradient(
                 inner_product, params, unconnected_gradients=_ZERO
             )
+            # A NaN or Inf loss (a diverged run) must give a NaN product, but
+            # reverse mode can drop it: ReluGrad masks a NaN activation to 0.
+            # Adding 0 * loss is exact otherwise.
+            guard = tf.zeros_like(total) * total
+            tangents = [
+                None if t is None else dense(t, p) + tf.cast(guard, t.dtype)
+                for t, p in zip(tangents, params)
+            ]
         return [
             tf.cast(dense(t, p), dtype)
             for t, p, dtype in zip(tangents, params, dtypes)
