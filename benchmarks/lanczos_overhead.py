@@ -34,7 +34,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds.")
 
 
-def _calls() -> dict:
+def _calls() -> tuple[dict, list]:
+    """The timed calls, and the models they need alive."""
     import tensorflow as tf
 
     import tf_breakeven as tfb
@@ -48,21 +49,23 @@ def _calls() -> dict:
         ).eigenvalues
     )
     calls = {"solver": solver}
+    models = []  # operators hold their models weakly: keep them alive
     for name in filter(None, _MODELS.value):
         model, x, y = common.build(name, _BATCH_SIZE.value)
+        models.append(model)
         operator = tfb.HessianOperator(model, (x, y), training=False)
         vector = [tf.ones_like(v) for v in model.trainable_variables]
         calls[f"{name}/hvp"] = lambda op=operator, v=vector: op.matvec(v)
         calls[f"{name}/lanczos"] = lambda op=operator: op.eigenpairs(
             k=1, num_iterations=m, tol=0.0
         ).eigenvalues
-    return calls
+    return calls, models
 
 
 def main(argv):
     del argv
     print(common.load_line())
-    calls = _calls()
+    calls, models = _calls()
     for fn in calls.values():
         common.timed(fn)
     times = {key: [] for key in calls}
@@ -82,6 +85,7 @@ def main(argv):
         )
     )
     print(common.load_line())
+    del models
 
 
 if __name__ == "__main__":
