@@ -122,7 +122,7 @@ class HessianKernel(Kernel):
             )
             # A NaN or Inf loss (a diverged run) must give a NaN product, but
             # reverse mode can drop it: ReluGrad masks a NaN activation to 0.
-            # Adding 0 * loss is exact otherwise.
+            # Adding 0 * loss is exact otherwise (docs/pitfalls.md#P29).
             guard = tf.zeros_like(total) * total
             tangents = [
                 None if t is None else dense(t, p) + tf.cast(guard, t.dtype)
