@@ -27,7 +27,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from tf_breakeven.validation import ArgumentError, check_int
+from tf_breakeven.validation import (
+    ArgumentError,
+    check_int,
+    check_nonnegative,
+)
 
 Matvec = Callable[[tf.Tensor], tf.Tensor]
 Seed = int | tf.Tensor
@@ -560,9 +564,10 @@ def _ritz(
     betas = tf.cast(betas, tf.float64)
     m = alphas.shape[0]
     active = tf.range(m) < steps
-    radius = tf.reduce_max(
-        tf.where(active, tf.abs(alphas), tf.zeros_like(alphas))
-    ) + 2.0 * tf.reduce_max(tf.where(active, tf.abs(betas), tf.zeros_like(betas)))
+    def largest_active(values):
+        return tf.reduce_max(tf.where(active, tf.abs(values), 0.0))
+
+    radius = largest_active(alphas) + 2.0 * largest_active(betas)
     far = (2.0 * radius + 1.0) * (-1.0 if which == "largest" else 1.0)
     diagonal = tf.where(active, alphas, far)
     inner = tf.where(tf.range(m - 1) < steps - 1, betas[: m - 1], 0.0)
@@ -677,17 +682,9 @@ def eigsh(
 
 def check_tol(tol: Any) -> float:
     """`tol` as a float >= 0, or an `ArgumentError` saying how to fix it."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)):
-        raise ArgumentError(
-            f"`tol` must be a number >= 0; got {tol!r}. Pass e.g. tol=1e-3, "
-            "or tol=0.0 to run every iteration."
-        )
-    if not np.isfinite(tol) or tol < 0:
-        raise ArgumentError(
-            f"`tol` must be a finite number >= 0; got {tol!r}. Pass e.g. "
-            "tol=1e-3, or tol=0.0 to run every iteration."
-        )
-    return float(tol)
+    return check_nonnegative(
+        "tol", tol, hint="Pass e.g. tol=1e-3, or 0.0 to run every iteration."
+    )
 
 
 def power_iteration(

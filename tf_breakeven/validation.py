@@ -9,6 +9,7 @@ for the same reason).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -100,3 +101,17 @@ def check_positive(name: str, value: Any, *, hint: str = "") -> float:
             f"`{name}` must be a number > 0; got {value!r}.{_suffix(hint)}"
         )
     return number
+
+
+def check_nonnegative(name: str, value: Any, *, hint: str = "") -> float:
+    """A finite float >= 0 (bools and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentError(
+            f"`{name}` must be a number >= 0; got {value!r}.{_suffix(hint)}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ArgumentError(
+            f"`{name}` must be a finite number >= 0; got {value!r}."
+            f"{_suffix(hint)}"
+        )
+    return float(value)
