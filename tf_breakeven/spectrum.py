@@ -103,23 +103,22 @@ def compiled_solver(
     only in their inputs share one trace; other operators get one function
     each.
     """
-    if hasattr(operator, "solver_inputs"):
+    rebinds = hasattr(operator, "solver_inputs")
+    if rebinds:
         owner, inputs_key, inputs = operator.solver_inputs()
-        template = operator.with_inputs(None)
-
-        def traced(inputs, *args):
-            return build(template.with_inputs(inputs), *args)
-
     else:
         owner, inputs_key, inputs = operator, (), ()
-
-        def traced(inputs, *args):
-            del inputs
-            return build(operator, *args)
-
     per_owner = _SOLVERS.setdefault(owner, {})
     full_key = (key, inputs_key)
     if full_key not in per_owner:
+        # Made once per cache entry: the traced function builds on a copy
+        # of this operator without its inputs, rebound to the arguments.
+        template = operator.with_inputs(None) if rebinds else operator
+
+        def traced(inputs, *args):
+            bound = template.with_inputs(inputs) if rebinds else template
+            return build(bound, *args)
+
         per_owner[full_key] = tf.function(
             traced, jit_compile=operator.jit_compile
         )
