@@ -339,7 +339,8 @@ def _derived_ratios(medians: dict) -> dict:
     get = medians.get
     iterations = _ITERATIONS.value
     return {
-        "HVP / gradient, ours": get("ours/hvp", nan) / get("ours/gradient", nan),
+        "HVP / gradient, ours": get("ours/hvp", nan)
+        / get("ours/gradient", nan),
         "HVP / gradient, PyHessian / torch": get("pyhessian/hvp", nan)
         / get("torch/gradient", nan),
         "Lanczos step / HVP - 1, ours": get("ours/top_fixed", nan)

@@ -125,7 +125,7 @@ class HessianKernel(Kernel):
             # Adding 0 * loss is exact otherwise (docs/pitfalls.md#P29).
             guard = tf.zeros_like(total) * total
             tangents = [
-                None if t is None else dense(t, p) + tf.cast(guard, t.dtype)
+                dense(t, p) + tf.cast(guard, p.dtype)
                 for t, p in zip(tangents, params)
             ]
         return [
