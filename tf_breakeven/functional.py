@@ -241,6 +241,69 @@ def num_examples(batches: Sequence[Batch]) -> int:
     return sum(_batch_size(b.x) for b in batches)
 
 
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """The probe batches joined into one batch, in order.
+
+    Sample weights are kept when any batch has them (1 for the batches
+    without); float64 weights stay float64 (a float32 cast would round them
+    for float64 models); the loss casts them to the model's dtype.
+    """
+
+    def cat(*parts):
+        return tf.concat(parts, axis=0)
+
+    x = tf.nest.map_structure(cat, *[b.x for b in batches])
+    y = tf.nest.map_structure(cat, *[b.y for b in batches])
+    weights = [b.sample_weight for b in batches]
+    if all(w is None for w in weights):
+        return Batch(x, y, None)
+    wide = any(w is not None and w.dtype == tf.float64 for w in weights)
+    dtype = tf.float64 if wide else tf.float32
+    weight = tf.concat(
+        [
+            tf.ones([_batch_size(b.x)], dtype)
+            if w is None
+            else tf.cast(w, dtype)
+            for b, w in zip(batches, weights)
+        ],
+        axis=0,
+    )
+    return Batch(x, y, weight)
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Examples `[start, stop)` of a batch."""
+
+    def cut(t):
+        return t[start:stop]
+
+    return Batch(
+        tf.nest.map_structure(cut, batch.x),
+        tf.nest.map_structure(cut, batch.y),
+        None if batch.sample_weight is None else cut(batch.sample_weight),
+    )
+
+
+def rebatch(
+    batches: Sequence[Batch],
+    batch_size: int,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    drop_remainder: bool = False,
+) -> list[Batch]:
+    """Examples `[start, stop)` of the probe, in consecutive batches of
+    `batch_size` (the last one smaller unless `drop_remainder`)."""
+    joined = concat_batches(batches)
+    stop = _batch_size(joined.x) if stop is None else stop
+    ends = list(range(start, stop, batch_size))
+    return [
+        slice_batch(joined, a, min(a + batch_size, stop))
+        for a in ends
+        if not drop_remainder or a + batch_size <= stop
+    ]
+
+
 def _per_example_loss_fn(model: keras.Model, loss: LossLike) -> Callable:
     if loss is None:
         loss = getattr(model, "loss", None)

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_breakeven import curvature, spectrum
+from tf_breakeven.blocks import BlocksLike, variable_blocks
 from tf_breakeven.curvature import directional_curvature  # noqa: F401
 from tf_breakeven.functional import (
     Batch,
@@ -52,7 +53,7 @@ from tf_breakeven.operators import (
     loss_key,
 )
 from tf_breakeven.spectrum import Eigenpairs
-from tf_breakeven.validation import check_choice
+from tf_breakeven.validation import ArgumentError, check_choice
 
 METHODS = ("auto", "forward_over_backward", "backward_over_backward")
 # Kept for code that imported the old name.
@@ -73,64 +74,132 @@ class HessianKernel(Kernel):
         losses: `tf.function` `(x, y, sample_weight) -> per-example losses`.
         hvp: `tf.function` `(vector, x, y, sample_weight) -> sum over the
             batch of the per-example Hessians times vector`.
+        gradient: `tf.function` `(x, y, sample_weight) -> gradient of the
+            batch's summed loss` (in the function's dtype).
+        self_curvature: `tf.function` `(x, y, sample_weight) -> g^T H g /
+            ||g||^2` for the gradient g and Hessian H of the batch's mean
+            loss (NaN when g = 0).
     """
 
     def __init__(self, function: ModelFunction, method: str, jit: bool):
         super().__init__(function)
         self.method = method
+        self.jit = jit
         self.hvp = tf.function(self.batch_hvp, jit_compile=jit)
+        self.gradient = tf.function(self.batch_gradient, jit_compile=jit)
+        self.self_curvature = tf.function(
+            self.batch_self_curvature, jit_compile=jit
+        )
+        self._block_hvps: dict[tuple[int, ...], Any] = {}
 
-    def batch_hvp(self, vector, x, y, sample_weight):
+    def block_hvp(self, indices: Sequence[int]) -> Any:
+        """`hvp` of the diagonal block of the variables at `indices`:
+        `(vector, x, y, sample_weight)`, `vector` and the result shaped
+        like those variables (one `tf.function` per block)."""
+        indices = tuple(indices)
+        if indices not in self._block_hvps:
+            self._block_hvps[indices] = tf.function(
+                lambda vector, x, y, w: self.batch_hvp(
+                    vector, x, y, w, indices=indices
+                ),
+                jit_compile=self.jit,
+            )
+        return self._block_hvps[indices]
+
+    def batch_gradient(self, x, y, sample_weight):
+        """Gradient of the batch's summed loss, untraced."""
+        fn = self.function
+        params, state = fn.primal_parameters(), fn.read_state()
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            total = fn.loss_sum(params, state, Batch(x, y, sample_weight))
+        grads = tape.gradient(total, params, unconnected_gradients=_ZERO)
+        return [dense(g, p) for g, p in zip(grads, params)]
+
+    def batch_self_curvature(self, x, y, sample_weight):
+        """`g^T H g / ||g||^2` of the batch's mean loss, untraced.
+
+        With g_s, H_s of the summed loss over S examples, g = g_s / S and
+        H = H_s / S, so the ratio is `g_s^T H_s g_s / (S ||g_s||^2)`; one
+        double-backward pass (the tangent is the gradient itself).
+        """
+        fn = self.function
+        params = fn.primal_parameters()
+        grads, products = self._double_backward(
+            params, range(len(params)), Batch(x, y, sample_weight), None
+        )
+        size = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], fn.dtype)
+        curvature = tf.add_n(
+            [tf.reduce_sum(g * h) for g, h in zip(grads, products)]
+        )
+        squared = tf.add_n([tf.reduce_sum(g * g) for g in grads])
+        return curvature / (size * squared)
+
+    def _double_backward(self, params, indices, batch, vector):
+        """`(g_s, H_s v)` over the variables at `indices` by reverse over
+        reverse mode; `vector=None` takes v = g_s (held constant).
+
+        A NaN or Inf loss (a diverged run) must give a NaN product, but
+        reverse mode can drop it: ReluGrad masks a NaN activation to 0.
+        Adding 0 * loss is exact otherwise (docs/pitfalls.md#P29).
+        """
+        fn = self.function
+        state = fn.read_state()
+        watched = [params[i] for i in indices]
+        with tf.GradientTape() as outer:
+            outer.watch(watched)
+            with tf.GradientTape() as inner:
+                inner.watch(watched)
+                total = fn.loss_sum(params, state, batch)
+            grads = inner.gradient(total, watched, unconnected_gradients=_ZERO)
+            grads = [dense(g, p) for g, p in zip(grads, watched)]
+            if vector is None:
+                vector = [tf.stop_gradient(g) for g in grads]
+            inner_product = tf.add_n(
+                [tf.reduce_sum(g * v) for g, v in zip(grads, vector)]
+            )
+        tangents = outer.gradient(
+            inner_product, watched, unconnected_gradients=_ZERO
+        )
+        guard = tf.zeros_like(total) * total
+        tangents = [
+            dense(t, p) + tf.cast(guard, p.dtype)
+            for t, p in zip(tangents, watched)
+        ]
+        return grads, tangents
+
+    def batch_hvp(self, vector, x, y, sample_weight, indices=None):
         """H_sum v on one batch, untraced (call it inside a `tf.function`).
 
         H_sum is the Hessian of the *sum* of the batch's weighted
         per-example losses at the model's current parameters; divide by the
-        number of examples for the Hessian of the mean.
+        number of examples for the Hessian of the mean. With `indices`, the
+        diagonal block of the variables at those indices (`vector` shaped
+        like them; the other variables are held fixed).
         """
         fn = self.function
-        params, state = fn.primal_parameters(), fn.read_state()
+        params = fn.primal_parameters()
+        indices = range(len(params)) if indices is None else indices
+        watched = [params[i] for i in indices]
         dtypes = [v.dtype for v in vector]
         vector = [tf.cast(v, fn.dtype) for v in vector]  # float16 models
         batch = Batch(x, y, sample_weight)
         if self.method == "forward_over_backward":
-            with tf.autodiff.ForwardAccumulator(params, vector) as acc:
+            state = fn.read_state()
+            with tf.autodiff.ForwardAccumulator(watched, vector) as acc:
                 with tf.GradientTape() as tape:
-                    tape.watch(params)
+                    tape.watch(watched)
                     total = fn.loss_sum(params, state, batch)
                 grads = tape.gradient(
-                    total, params, unconnected_gradients=_ZERO
+                    total, watched, unconnected_gradients=_ZERO
                 )
-                grads = [dense(g, p) for g, p in zip(grads, params)]
+                grads = [dense(g, p) for g, p in zip(grads, watched)]
             tangents = acc.jvp(grads, unconnected_gradients=_ZERO)
         else:
-            with tf.GradientTape() as outer:
-                outer.watch(params)
-                with tf.GradientTape() as inner:
-                    inner.watch(params)
-                    total = fn.loss_sum(params, state, batch)
-                grads = inner.gradient(
-                    total, params, unconnected_gradients=_ZERO
-                )
-                inner_product = tf.add_n(
-                    [
-                        tf.reduce_sum(dense(g, p) * v)
-                        for g, p, v in zip(grads, params, vector)
-                    ]
-                )
-            tangents = outer.gradient(
-                inner_product, params, unconnected_gradients=_ZERO
-            )
-            # A NaN or Inf loss (a diverged run) must give a NaN product, but
-            # reverse mode can drop it: ReluGrad masks a NaN activation to 0.
-            # Adding 0 * loss is exact otherwise (docs/pitfalls.md#P29).
-            guard = tf.zeros_like(total) * total
-            tangents = [
-                dense(t, p) + tf.cast(guard, p.dtype)
-                for t, p in zip(tangents, params)
-            ]
+            tangents = self._double_backward(params, indices, batch, vector)[1]
         return [
             tf.cast(dense(t, p), dtype)
-            for t, p, dtype in zip(tangents, params, dtypes)
+            for t, p, dtype in zip(tangents, watched, dtypes)
         ]
 
 
@@ -250,6 +319,12 @@ class HessianOperator(ProbeOperator):
         """H v on a flat vector of length `dim` (for `linalg` solvers)."""
         return self.to_flat(self._matvec(self.from_flat(vector)))
 
+    def gradient(self) -> list[tf.Tensor]:
+        """Gradient of the mean probe loss, shaped like the variables."""
+        total = self.sum_over_batches(self.kernel.gradient, ())
+        scale = tf.constant(1.0 / self.num_examples, self.dtype)
+        return [t * scale for t in total]
+
     def solver_inputs(self) -> tuple[HessianKernel, tuple, list[Batch]]:
         """`(kernel, probe signature, batches)`: the solvers of `spectrum`
         take the batches as arguments, so every operator of this kernel on
@@ -284,6 +359,105 @@ class HessianOperator(ProbeOperator):
     def spectral_density(self, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """SLQ spectral density; see `spectrum.spectral_density`."""
         return spectrum.spectral_density(self, **kwargs)
+
+
+class BlockHessianOperator(HessianOperator):
+    """A diagonal block of the probe Hessian: the variables at `indices`.
+
+    `H_bb`, the Hessian of the mean probe loss with respect to a group of
+    variables (e.g. one layer's, `tf_breakeven.blocks.variable_blocks`)
+    with the others held fixed. Vectors are shaped like those variables;
+    each HVP differentiates only with respect to them.
+
+    Args:
+        model, data: see `HessianOperator`.
+        indices: indices into `model.trainable_variables`.
+        **kwargs: the options of `HessianOperator`.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        data: Any,
+        indices: Sequence[int],
+        **kwargs: Any,
+    ):
+        super().__init__(model, data, **kwargs)
+        self.indices = tuple(sorted(int(i) for i in indices))
+        count = len(self.function.shapes)
+        if not self.indices or not all(0 <= i < count for i in self.indices):
+            raise ArgumentError(
+                f"Block indices {list(indices)} must be a non-empty list of "
+                f"indices into the model's {count} trainable variables."
+            )
+        self._block_hvp = self.kernel.block_hvp(self.indices)
+
+    @property
+    def shapes(self) -> list[tf.TensorShape]:
+        full = self.function.shapes
+        return [full[i] for i in self.indices]
+
+    @property
+    def dim(self) -> int:
+        return sum(s.num_elements() for s in self.shapes)
+
+    def for_block(self, indices: Sequence[int]) -> BlockHessianOperator:
+        """This operator's probe and options on another block."""
+        other = copy.copy(self)
+        other.indices = tuple(sorted(int(i) for i in indices))
+        other._block_hvp = self.kernel.block_hvp(other.indices)
+        return other
+
+    def _matvec(self, vector: list[tf.Tensor]) -> list[tf.Tensor]:
+        total = self.sum_over_batches(self._block_hvp, (vector,))
+        scale = tf.constant(1.0 / self.num_examples, self.dtype)
+        return [t * scale for t in total]
+
+    def gradient(self) -> list[tf.Tensor]:
+        """The block's part of the gradient of the mean probe loss."""
+        full = super().gradient()
+        return [full[i] for i in self.indices]
+
+    def solver_inputs(self) -> tuple[HessianKernel, tuple, list[Batch]]:
+        kernel, key, batches = super().solver_inputs()
+        return kernel, key + (("block",) + self.indices,), batches
+
+    def directional_curvature(self, direction: Sequence[Any]) -> tf.Tensor:
+        """`e^T H_i e` for `e` in the block (zero elsewhere)."""
+        direction = check_vector(direction, self.shapes, self.dtype)
+        full = [tf.zeros(s, self.dtype) for s in self.function.shapes]
+        for i, d in zip(self.indices, direction):
+            full[i] = d
+        return curvature.probe_curvature(_FullView(self), full)
+
+
+class _FullView:
+    """A block operator seen with the full parameter layout (for the
+    curvature kernel, which differentiates every variable)."""
+
+    def __init__(self, operator: BlockHessianOperator):
+        self.function = operator.function
+        self.batches = operator.batches
+        self.jit_compile = operator.jit_compile
+        self.shapes = operator.function.shapes
+        self.dtype = operator.dtype
+
+
+def block_operators(
+    model: keras.Model, data: Any, blocks: BlocksLike, **kwargs: Any
+) -> dict[str, BlockHessianOperator]:
+    """One `BlockHessianOperator` per block of `variable_blocks(model,
+    blocks)`, on one probe (validated once)."""
+    named = variable_blocks(model, blocks)
+    first = None
+    operators = {}
+    for name, indices in named.items():
+        if first is None:
+            first = BlockHessianOperator(model, data, indices, **kwargs)
+            operators[name] = first
+        else:
+            operators[name] = first.for_block(indices)
+    return operators
 
 
 def hessian_vector_product(
@@ -337,7 +511,8 @@ def hessian_eigenpairs(
     include_regularization: bool = True,
     method: str = "auto",
     jit_compile: bool = False,
-) -> Eigenpairs:
+    blocks: BlocksLike | None = None,
+) -> Eigenpairs | dict[str, Eigenpairs]:
     """Top (`which="largest"`, descending) or bottom (ascending) k eigenpairs.
 
     Lanczos with full reorthogonalization on Hessian-vector products,
@@ -346,40 +521,60 @@ def hessian_eigenpairs(
     `spectrum.eigenpairs` and `linalg.eigsh` (default number of
     iterations). Calls on data of the same shapes reuse one trace.
 
+    Args:
+        blocks: None for the whole Hessian; "layer" (one block per
+            top-level layer) or `{name: variables}` for the eigenpairs of
+            each diagonal block H_bb (`tf_breakeven.blocks`). A block with
+            fewer than k parameters gives all of its eigenpairs.
+        Others: see `HessianOperator` and `spectrum.eigenpairs`.
+
     Returns:
         `Eigenpairs(eigenvalues, eigenvectors)`, with `residuals`,
-        `converged` and `num_iterations` attributes.
+        `converged` and `num_iterations` attributes; with `blocks`, a dict
+        `{block name: Eigenpairs}` whose eigenvectors are shaped like the
+        block's variables.
     """
-    op = HessianOperator(
-        model,
-        data,
-        loss=loss,
-        training=training,
-        include_regularization=include_regularization,
-        method=method,
-        jit_compile=jit_compile,
-    )
-    return spectrum.eigenpairs(
-        op,
-        k,
-        which=which,
-        num_iterations=num_iterations,
-        tol=tol,
-        seed=seed,
-        start_vector=start_vector,
-    )
+    options = {
+        "loss": loss,
+        "training": training,
+        "include_regularization": include_regularization,
+        "method": method,
+        "jit_compile": jit_compile,
+    }
+    solve = {
+        "which": which,
+        "num_iterations": num_iterations,
+        "tol": tol,
+        "seed": seed,
+    }
+    if blocks is None:
+        op = HessianOperator(model, data, **options)
+        return spectrum.eigenpairs(op, k, start_vector=start_vector, **solve)
+    if start_vector is not None:
+        raise ArgumentError(
+            "`start_vector` is for the whole Hessian; with `blocks=` leave "
+            "it out (each block starts from its own random vector)."
+        )
+    return {
+        name: spectrum.eigenpairs(op, min(k, op.dim), **solve)
+        for name, op in block_operators(model, data, blocks, **options).items()
+    }
 
 
 def hessian_eigenvalues(
     model: keras.Model, data: Any, k: int = 1, **kwargs: Any
-) -> np.ndarray:
+) -> np.ndarray | dict[str, np.ndarray]:
     """Top or bottom k Hessian eigenvalues; arguments of `hessian_eigenpairs`.
 
     Returns:
         float64 array of shape [k]: descending for `which="largest"`,
-        ascending for `which="smallest"`.
+        ascending for `which="smallest"`. With `blocks=`, a dict `{block
+        name: eigenvalues of that diagonal block}`.
     """
-    return hessian_eigenpairs(model, data, k, **kwargs).eigenvalues
+    pairs = hessian_eigenpairs(model, data, k, **kwargs)
+    if isinstance(pairs, dict):
+        return {name: p.eigenvalues for name, p in pairs.items()}
+    return pairs.eigenvalues
 
 
 def hessian_trace(
