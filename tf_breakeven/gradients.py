@@ -24,7 +24,8 @@ the vectorized path.
 
 The Gram matrix G_ij = <g_i, g_j> is accumulated block by block in float64:
 at most two chunks of sample gradients are held at once, and the chunk size
-follows from `memory_budget` (bytes).
+follows from `memory_budget` (bytes). The per-block traces Tr(K_b)
+(`gradient_trace_by_block`) come from the same rows, one chunk at a time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import tensorflow as tf
 from absl import logging
 
 from tf_breakeven import linalg, statistics
+from tf_breakeven.blocks import BlocksLike, flat_columns, variable_blocks
 from tf_breakeven.distribute import concat_over_replicas
 from tf_breakeven.functional import (
     Batch,
@@ -474,6 +476,45 @@ class SampleRows(ProbeOperator):
             gram[start_b:stop_b, start_a:stop_a] = block.T
         return gram
 
+    def block_traces(self, blocks: dict[str, list[int]]) -> dict[str, float]:
+        """Tr(K_b) of the centered covariance restricted to each block.
+
+        Tr(K_b) = (1/n) (sum_i ||g_{i,b}||^2 - ||sum_i g_{i,b}||^2 / n),
+        from column sums and sums of squares accumulated chunk by chunk
+        and variable by variable: no per-block Gram matrix, and no copy of
+        a chunk larger than one variable's columns.
+
+        Args:
+            blocks: `{name: indices into model.trainable_variables}`, as
+                `blocks.variable_blocks` gives them.
+
+        Returns:
+            `{name: Tr(K_b)}` as Python floats (float64 arithmetic); NaN
+            for a block whose sample gradients are not all finite.
+
+        Raises:
+            ArgumentError: fewer than 2 samples.
+        """
+        _check_num_samples(self.n)
+        indices = sorted({i for members in blocks.values() for i in members})
+        columns = dict(zip(indices, flat_columns(self.shapes, indices)))
+        sums = dict.fromkeys(indices, 0.0)
+        squares = dict.fromkeys(indices, 0.0)
+        for start in self.starts:
+            rows = self.rows(start)
+            for i, (begin, end) in columns.items():
+                part = rows[:, begin:end]
+                sums[i] += tf.reduce_sum(part, axis=0)
+                squares[i] += tf.reduce_sum(tf.square(part))
+        return {
+            name: _centered_trace(
+                sum(float(squares[i]) for i in members),
+                sum(float(tf.reduce_sum(tf.square(sums[i]))) for i in members),
+                self.n,
+            )
+            for name, members in blocks.items()
+        }
+
     def combine(self, coefficients: np.ndarray) -> tf.Tensor:
         """sum_i coefficients[j, i] g_i for every row j, float64 [k, P]."""
         total = None
@@ -485,6 +526,84 @@ class SampleRows(ProbeOperator):
             )
             total = part if total is None else total + part
         return total
+
+
+def _check_num_samples(n: int) -> int:
+    """Raises unless there are the 2 samples a covariance needs."""
+    if n < 2:
+        raise ArgumentError(
+            f"need at least 2 sample gradients, got n={n}; use a larger "
+            "probe set or a smaller microbatch_size."
+        )
+    return n
+
+
+def _centered_trace(squares: float, sum_squared: float, n: int) -> float:
+    """(squares - sum_squared / n) / n, clipped at 0; NaN if not finite.
+
+    The clip drops roundoff of identical sample gradients; an Inf (an
+    overflowing gradient) is NaN like the rest of the library's outputs.
+    """
+    trace = (squares - sum_squared / n) / n
+    if not math.isfinite(trace):
+        return math.nan
+    return max(trace, 0.0)
+
+
+def gradient_trace_by_block(
+    model: keras.Model,
+    data: Any,
+    *,
+    blocks: BlocksLike = "layer",
+    microbatch_size: int = 1,
+    loss: LossLike = None,
+    training: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    jit_compile: bool = False,
+) -> dict[str, float]:
+    """Each block's share Tr(K_b) of the trace of the gradient covariance.
+
+    K is the centered covariance of the sample gradients (see
+    `tf_breakeven.statistics`); Tr(K_b) = (1/n) sum_i ||g_{i,b} -
+    g_bar_b||^2 sums the diagonal of K over the parameters of block b, so
+    blocks that partition the parameters (`blocks="layer"`) add up to
+    `grad_cov/trace`. It says which layers carry the gradient noise.
+
+    Args:
+        model, data, loss, training, memory_budget, jit_compile: see
+            `gradient_gram`.
+        blocks: "layer" (one block per top-level layer, "other" for
+            variables no layer owns) or a mapping `{name: variables}` of
+            trainable variables or their `.path` strings; see
+            `tf_breakeven.blocks`.
+        microbatch_size: M, examples per sample (must divide N).
+
+    Returns:
+        `{block name: Tr(K_b)}`, Python floats computed in float64, in the
+        order of `blocks.variable_blocks`. Non-finite sample gradients
+        (NaN or Inf in the probe or the weights) give NaN, with a warning.
+
+    Raises:
+        ArgumentError: a bad `blocks` (see `blocks.variable_blocks`),
+            fewer than 2 samples, or M not dividing N.
+    """
+    indices = variable_blocks(model, blocks)
+    traces = SampleRows(
+        model,
+        data,
+        microbatch_size=microbatch_size,
+        loss=loss,
+        training=training,
+        memory_budget=memory_budget,
+        jit_compile=jit_compile,
+    ).block_traces(indices)
+    if any(math.isnan(value) for value in traces.values()):
+        measurement_warning(
+            "gradient_trace_by_block: non-finite sample gradients (NaN or "
+            "Inf in the probe inputs or the weights, e.g. a diverging run); "
+            "returning NaN."
+        )
+    return traces
 
 
 def gradient_covariance_eigenpairs(

@@ -11,7 +11,10 @@ class GradientCovariance(GramCallback):
     Logs the `grad_cov/*`, `grad_cov_uncentered/*`, `grad/*` and `probe/*`
     keys of `tf_breakeven.statistics.metric_keys`, from gradients of
     micro-batches of `microbatch_size` examples (the paper: M = 128 on ~5%
-    of the training set). Arguments: see `GramCallback`.
+    of the training set). With `blocks="layer"` (or a mapping of variables)
+    it also logs `grad_cov/trace/<block>`, each block's share of
+    `grad_cov/trace`, from the same gradients. Arguments: see
+    `GramCallback`.
     """
 
     prefixes = ("grad_cov/", "grad_cov_uncentered/", "grad/", "probe/")
