@@ -33,7 +33,9 @@ OTHER = "other"
 BlocksLike = str | Mapping[str, Sequence[Any]]
 
 
-def variable_blocks(model: keras.Model, blocks: BlocksLike) -> dict[str, list[int]]:
+def variable_blocks(
+    model: keras.Model, blocks: BlocksLike
+) -> dict[str, list[int]]:
     """`{block name: indices into model.trainable_variables}`, in order.
 
     Raises:
@@ -61,7 +63,7 @@ def variable_blocks(model: keras.Model, blocks: BlocksLike) -> dict[str, list[in
     for name, members in blocks.items():
         if isinstance(members, (str, keras.Variable, tf.Variable)):
             members = [members]
-        indices = [_index_of(m, index, by_path, name) for m in members]
+        indices = sorted({_index_of(m, index, by_path, name) for m in members})
         if not indices:
             raise ArgumentError(
                 f"Block {name!r} is empty; give it at least one trainable "
@@ -75,7 +77,7 @@ def variable_blocks(model: keras.Model, blocks: BlocksLike) -> dict[str, list[in
                     "most one block."
                 )
             owner[i] = str(name)
-        result[str(name)] = sorted(set(indices))
+        result[str(name)] = indices
     return result
 
 
@@ -106,7 +108,10 @@ def _layer_blocks(model: keras.Model, index: dict) -> dict[str, list[int]]:
             result[layer.name] = sorted(indices)
     rest = [i for i in index.values() if i not in taken]
     if rest:
-        result[OTHER] = sorted(rest)
+        name = OTHER
+        while name in result:  # a layer named "other"
+            name += "_"
+        result[name] = sorted(rest)
     return result
 
 

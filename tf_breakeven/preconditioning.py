@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_breakeven import spectrum
+from tf_breakeven import spectrum, stability
 from tf_breakeven.functional import LossLike
 from tf_breakeven.hessian import HessianKernel, HessianOperator
 from tf_breakeven.validation import ArgumentError
@@ -164,10 +164,11 @@ def threshold(optimizer: Any, learning_rate: float | None = None) -> float:
         raise ArgumentError(f"The learning rate is {eta}; need > 0.")
     kind = optimizer_kind(optimizer)
     if kind == "adam":
-        beta_1 = _hyperparameter(optimizer, "beta_1")
-        return (2.0 + 2.0 * beta_1) / (eta * (1.0 - beta_1))
+        return stability.adam_threshold(
+            eta, _hyperparameter(optimizer, "beta_1")
+        )
     if kind == "rmsprop":
-        return 2.0 * (1.0 + float(optimizer.momentum)) / eta
+        return stability.momentum_threshold(eta, float(optimizer.momentum))
     raise ArgumentError(
         f"{type(optimizer).__name__} has no preconditioned threshold; use "
         "Adam, AdamW or RMSprop."
