@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from tf_breakeven import (
+    blocks,
     callbacks,
     curvature,
     distribute,
@@ -18,9 +19,11 @@ from tf_breakeven import (
     hessian,
     linalg,
     operators,
+    preconditioning,
     presets,
     recording,
     schedules,
+    sharpness,
     spectrum,
     stability,
     statistics,
@@ -39,9 +42,11 @@ from tf_breakeven.gradients import (
     gradient_covariance_eigenpairs,
     gradient_gram,
     gradient_statistics,
+    gradient_trace_by_block,
     per_example_gradients,
 )
 from tf_breakeven.hessian import (
+    BlockHessianOperator,
     HessianEigenpairs,
     HessianOperator,
     hessian_eigenpairs,
@@ -50,8 +55,13 @@ from tf_breakeven.hessian import (
     hessian_trace,
     hessian_vector_product,
 )
+from tf_breakeven.preconditioning import (
+    preconditioned_hessian_eigenpairs,
+    preconditioned_hessian_eigenvalues,
+)
 from tf_breakeven.presets import make_probe, preset
 from tf_breakeven.recording import Recorder, read_records
+from tf_breakeven.sharpness import batch_sharpness, gradient_alignment
 from tf_breakeven.spectrum import Eigenpairs
 from tf_breakeven.training import TrackingConfig, TrackingModel, track
 
@@ -69,6 +79,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "BlockHessianOperator",
     "BreakEven",
     "Eigenpairs",
     "GradientConfusion",
@@ -79,14 +90,18 @@ __all__ = [
     "Recorder",
     "TrackingConfig",
     "TrackingModel",
+    "batch_sharpness",
+    "blocks",
     "callbacks",
     "curvature",
-    "distribute",
     "directional_curvature",
+    "distribute",
     "functional",
+    "gradient_alignment",
     "gradient_covariance_eigenpairs",
     "gradient_gram",
     "gradient_statistics",
+    "gradient_trace_by_block",
     "gradients",
     "hessian",
     "hessian_eigenpairs",
@@ -99,11 +114,15 @@ __all__ = [
     "operators",
     "per_example_gradients",
     "plotting",
+    "preconditioned_hessian_eigenpairs",
+    "preconditioned_hessian_eigenvalues",
+    "preconditioning",
     "preset",
     "presets",
     "read_records",
     "recording",
     "schedules",
+    "sharpness",
     "spectrum",
     "stability",
     "statistics",

@@ -44,6 +44,7 @@ from tf_breakeven.functional import (
     ModelFunction,
     check_vector,
     dense,
+    num_examples,
 )
 from tf_breakeven.operators import (
     Kernel,
@@ -338,9 +339,12 @@ class HessianOperator(ProbeOperator):
         return self.kernel, key, self.batches
 
     def with_inputs(self, batches: list[Batch] | None) -> HessianOperator:
-        """A copy of this operator on `batches` (of the same shapes)."""
+        """A copy of this operator on `batches` (None: a template without
+        a probe, for the compiled solvers)."""
         bound = copy.copy(self)
         bound.batches = batches
+        if batches is not None:
+            bound.num_examples = num_examples(batches)
         return bound
 
     def directional_curvature(self, direction: Sequence[Any]) -> tf.Tensor:

@@ -65,11 +65,17 @@ def has_stepped(optimizer: Any) -> bool:
 def _slot(optimizer: Any, variable: Any, name: str) -> np.ndarray:
     wanted = f"{variable.path.replace('/', '_')}_{name}"
     found = [v for v in optimizer.variables if v.name == wanted]
-    if len(found) != 1:
+    if not found:
+        raise ArgumentError(
+            f"{type(optimizer).__name__} holds no {name!r} slot for "
+            f"{variable.path}: pass the optimizer that trains this model "
+            "(or leave `optimizer=None` for the compiled one)."
+        )
+    if len(found) > 1:
         raise RuntimeError(
             f"tf_breakeven reads the {name!r} slot of {variable.path} from "
             f"{type(optimizer).__name__}.variables by Keras' slot name "
-            f"{wanted!r} and found {len(found)} such variables (Keras "
+            f"{wanted!r} and found {len(found)} of them (Keras "
             f"{keras.__version__}). Give the model's variables unique paths, "
             "or update tf_breakeven.preconditioning."
         )
@@ -84,7 +90,9 @@ def _hyperparameter(optimizer: Any, name: str) -> float:
 
 
 def _check_optimizer(model: keras.Model, optimizer: Any) -> Any:
-    optimizer = unwrap(optimizer if optimizer is not None else model.optimizer)
+    if optimizer is None:
+        optimizer = getattr(model, "optimizer", None)
+    optimizer = unwrap(optimizer)
     if optimizer is None:
         raise ArgumentError(
             "No optimizer: compile the model with Adam, AdamW or RMSprop, "

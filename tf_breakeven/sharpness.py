@@ -118,12 +118,12 @@ def alignment(
     gradient = operator.gradient()
     product = operator.matvec(gradient)
     g = _flat64(gradient)
-    squared = float(g @ g)
+    squared = np.float64(g @ g)  # numpy: 0 / 0 is NaN, not an exception
     basis = np.stack([_flat64(u) for u in eigenvectors])
     with np.errstate(divide="ignore", invalid="ignore"):
         curvature = float(g @ _flat64(product)) / squared
         inside = float(np.sum((basis @ g) ** 2)) / squared
-    return {CURVATURE_KEY: curvature, IN_TOP_K_KEY: inside}
+    return {CURVATURE_KEY: float(curvature), IN_TOP_K_KEY: float(inside)}
 
 
 def _flat64(tensors: Sequence[Any]) -> np.ndarray:
