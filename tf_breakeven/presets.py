@@ -102,6 +102,7 @@ def economy_break_even(probe: Any, **kwargs: Any) -> BreakEven:
     kwargs.setdefault(
         "schedule", schedules.LogSpaced(per_decade=ECONOMY_PER_DECADE)
     )
+    kwargs.setdefault("batch_sharpness", False)  # cheap: lambda_1 only
     return BreakEven(
         probe,
         k=1,
@@ -155,8 +156,11 @@ def preset(
             all of it.
         recorder: shared `Recorder` or JSONL path.
         seed: probe draw and solver seed.
-        batch_size, dataset_size: S and N; when both are given, `BreakEven`
-            uses the SGD criterion (eq. 1), else the full-batch one.
+        batch_size, dataset_size: S and N; when both are given,
+            `BreakEven` uses the SGD criterion (eq. 1) for an SGD optimizer
+            (and, in "paper" and "full", records the batch sharpness),
+            else the full-batch one; Adam and RMSprop always get the
+            preconditioned sharpness (`criterion="auto"`).
         k: top Hessian eigenvalues of "paper" / "full"'s `BreakEven`
             ("full"'s `HessianSpectrum` tracks max(5, k)); "economy" tracks
             one.
@@ -197,14 +201,12 @@ def preset(
 
 
 def _criterion(batch_size: int | None, dataset_size: int | None) -> dict:
-    """`BreakEven`'s SGD criterion (eq. 1) when S and N are both known."""
+    """S and N for `BreakEven`, when both are known: its "auto" criterion
+    then takes the SGD condition (eq. 1) for SGD and the preconditioned
+    sharpness for Adam and RMSprop."""
     if batch_size is None or dataset_size is None:
         return {}
-    return {
-        "criterion": "sgd",
-        "batch_size": batch_size,
-        "dataset_size": dataset_size,
-    }
+    return {"batch_size": batch_size, "dataset_size": dataset_size}
 
 
 def _economy(
