@@ -48,11 +48,13 @@ from tf_breakeven.functional import (
     Batch,
     LossLike,
     ModelFunction,
+    concat_batches,
     dense,
     has_batch_norm,
     measurement_warning,
     pfor_safe_einsum,
     probe_batches,
+    slice_batch,
 )
 from tf_breakeven.operators import (
     ProbeOperator,
@@ -86,32 +88,6 @@ def quiet_pfor():
         logger.removeFilter(drop)
 
 
-def _concat_batches(batches: list[Batch]) -> Batch:
-    def cat(*parts):
-        return tf.concat(parts, axis=0)
-
-    x = tf.nest.map_structure(cat, *[b.x for b in batches])
-    y = tf.nest.map_structure(cat, *[b.y for b in batches])
-    weights = [b.sample_weight for b in batches]
-    if all(w is None for w in weights):
-        weight = None
-    else:
-        # float64 weights stay float64 (a float32 cast would round them
-        # for float64 models); the loss casts them to the model's dtype.
-        wide = any(w is not None and w.dtype == tf.float64 for w in weights)
-        dtype = tf.float64 if wide else tf.float32
-        weight = tf.concat(
-            [
-                tf.ones([tf.nest.flatten(b.x)[0].shape[0]], dtype)
-                if w is None
-                else tf.cast(w, dtype)
-                for b, w in zip(batches, weights)
-            ],
-            axis=0,
-        )
-    return Batch(x, y, weight)
-
-
 def _split_samples(batch: Batch, microbatch_size: int) -> Batch:
     """Reshapes every tensor [N, ...] to [n, M, ...]."""
 
@@ -122,17 +98,6 @@ def _split_samples(batch: Batch, microbatch_size: int) -> Batch:
         tf.nest.map_structure(split, batch.x),
         tf.nest.map_structure(split, batch.y),
         None if batch.sample_weight is None else split(batch.sample_weight),
-    )
-
-
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    def cut(t):
-        return t[start:stop]
-
-    return Batch(
-        tf.nest.map_structure(cut, batch.x),
-        tf.nest.map_structure(cut, batch.y),
-        None if batch.sample_weight is None else cut(batch.sample_weight),
     )
 
 
@@ -284,7 +249,7 @@ def check_microbatch_size(
 
 def split_samples(batches: list[Batch], microbatch_size: int) -> Batch:
     """Probe batches joined and split into samples of M, [n, M, ...]."""
-    batch = _concat_batches(batches)
+    batch = concat_batches(batches)
     total = tf.nest.flatten(batch.x)[0].shape[0]
     if total % microbatch_size:
         raise ArgumentError(
@@ -296,7 +261,7 @@ def split_samples(batches: list[Batch], microbatch_size: int) -> Batch:
 
 
 def _check_fits(kernel: GradientKernel, samples: Batch) -> None:
-    first = _slice(samples, 0, 1)
+    first = slice_batch(samples, 0, 1)
     first = Batch(
         *(
             None
@@ -451,7 +416,11 @@ class SampleRows(ProbeOperator):
         rows = concat_over_replicas(
             self.strategy,
             self.kernel.flat_sample_gradients,
-            tuple(_slice(self.samples, start, min(start + self.chunk, self.n))),
+            tuple(
+                slice_batch(
+                    self.samples, start, min(start + self.chunk, self.n)
+                )
+            ),
         )
         if len(self.starts) == 1:
             self._single = rows
