@@ -300,3 +300,25 @@ def test_detector_finds_the_step_a_warmup_crosses_the_threshold(
             first = record["step"]
     assert first is not None and first > 1, "the run must cross from below"
     assert callback.breakeven_step == first and reached == [first]
+
+
+def test_the_new_measurements_compile_with_xla():
+    """TPUs need jit_compile=True: the preconditioned solver, the block
+    operators and batch sharpness compile and give the eager numbers."""
+    model, data, _, _ = _trained(keras.optimizers.Adam(0.01))
+    for jit in (False, True):
+        got = [
+            tfb.preconditioned_hessian_eigenvalues(
+                model, data, tol=0.0, jit_compile=jit
+            )[0],
+            tfb.batch_sharpness(model, data, 4, jit_compile=jit),
+            *(
+                values[0]
+                for values in tfb.hessian_eigenvalues(
+                    model, data, blocks="layer", tol=0.0, jit_compile=jit
+                ).values()
+            ),
+        ]
+        if not jit:
+            eager = np.asarray(got, np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), eager, rtol=1e-10)

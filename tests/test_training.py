@@ -336,17 +336,34 @@ _MIRRORED_SCRIPT = textwrap.dedent(
         model.compile(optimizer=keras.optimizers.SGD(0.1),
                       loss=cross_entropy())
     probe = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(4)
-    spectrum = callbacks.BreakEven(probe, schedule=schedules.AtSteps([3]),
-                                   warm_start=False)
+    at_3 = schedules.AtSteps([3])
+    solver = {"warm_start": False, "tol": 0.0, "num_iterations": 10}
+    spectrum = callbacks.BreakEven(probe, schedule=at_3, batch_size=8,
+                                   dataset_size=32, **solver)
     covariance = callbacks.GradientCovariance(
-        probe, microbatch_size=2, schedule=schedules.AtSteps([3]))
+        probe, microbatch_size=2, schedule=at_3, blocks="layer")
     history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
                         verbose=0, callbacks=[spectrum, covariance])
     out = {k: float(v[-1]) for k, v in history.history.items()}
-    out.update({"cb/" + k: float(v) for k, v in spectrum.records[0].items()
-                if isinstance(v, float)})
-    out.update({"cb/" + k: float(v) for k, v in covariance.records[0].items()
-                if isinstance(v, float)})
+    # Adam: the preconditioned sharpness; per-layer curvature, the spread
+    # over probe splits and the gradient alignment.
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        adam_model = build("mlp", compile_loss=False)
+        adam_model.compile(optimizer=keras.optimizers.Adam(0.01),
+                           loss=cross_entropy())
+    adaptive = callbacks.BreakEven(probe, schedule=at_3, **solver)
+    layers = callbacks.HessianSpectrum(
+        probe, blocks="layer", probe_splits=2, alignment=True,
+        schedule=at_3, **solver)
+    adam_model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                   callbacks=[adaptive, layers])
+    for name, callback in (("cb/", spectrum), ("cb/", covariance),
+                           ("adam/", adaptive), ("adam/", layers)):
+        out.update({name + k: float(v)
+                    for k, v in callback.records[0].items()
+                    if isinstance(v, float) and "residual" not in k})
+    out["criteria"] = [spectrum.criterion, adaptive.criterion]
     out["replicas"] = strategy.num_replicas_in_sync
     # The probes above ran one batch / sample share per replica.
     out["distributed_probes"] = int(
@@ -381,6 +398,16 @@ def test_mirrored_strategy_gives_the_single_device_numbers(tmp_path):
     assert one.pop("replicas") == 1 and two.pop("replicas") == 2
     assert one.pop("distributed_probes") == 0
     assert two.pop("distributed_probes") == 1
+    assert one.pop("criteria") == two.pop("criteria") == ["sgd", "adam"]
+    for key in (
+        "cb/breakeven/batch_sharpness",
+        "cb/grad_cov/trace/",
+        "adam/breakeven/preconditioned_sharpness",
+        "adam/hessian/lambda_1/",
+        "adam/hessian/lambda_1_std",
+        "adam/hessian/gradient_in_top_k",
+    ):
+        assert any(k.startswith(key) for k in one), key
     assert one.keys() == two.keys()
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
