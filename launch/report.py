@@ -120,6 +120,9 @@ def table(runs: list[dict]) -> list[dict]:
                 "final_accuracy": final.get("accuracy"),
                 "breakeven_step": tfb.plotting.break_even_step(records),
                 "max_lambda_H": _max(records, "hessian/lambda_1"),
+                "max_preconditioned_sharpness": _max(
+                    records, "breakeven/preconditioned_sharpness"
+                ),
                 "max_lambda_K": _max(records, "grad_cov/lambda_1"),
                 "max_trK_over_lambda_K": _max(
                     records, "grad_cov/trace_over_lambda_1"
@@ -130,7 +133,19 @@ def table(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _compared_key(records: list[dict]) -> str:
+    """What the run's break-even threshold is compared with: lambda_1, or
+    for Adam and RMSprop runs the preconditioned sharpness."""
+    criterion = tfb.plotting.criterion_of(records)
+    if criterion in tfb.stability.PRECONDITIONED:
+        return "breakeven/preconditioned_sharpness"
+    return "hessian/lambda_1"
+
+
 def plot_trajectories(runs: list[dict]) -> Figure:
+    """lambda_H^1 (solid; for Adam/RMSprop runs also the preconditioned
+    sharpness, dash-dotted) with each run's threshold (dashed), and
+    lambda_K^1, per run."""
     fig = Figure(figsize=(11, 4))
     (ax_h, ax_k) = fig.subplots(1, 2)
     for i, run in enumerate(runs):
@@ -139,11 +154,15 @@ def plot_trajectories(runs: list[dict]) -> Figure:
         label = run["name"]
         steps, values = tfb.plotting.series(records, "hessian/lambda_1")
         ax_h.plot(steps, values, "-", color=color, label=label)
+        compared = _compared_key(records)
+        if compared != "hessian/lambda_1":
+            steps, values = tfb.plotting.series(records, compared)
+            ax_h.plot(steps, values, "-.", color=color, lw=0.8)
         t_steps, thresholds = tfb.plotting.series(
             records, "breakeven/threshold"
         )
         if t_steps.size:
-            ax_h.axhline(thresholds[-1], color=color, ls="--", lw=0.8)
+            ax_h.plot(t_steps, thresholds, color=color, ls="--", lw=0.8)
         point = tfb.plotting.break_even_step(records)
         if point is not None:
             ax_h.axvline(point, color=color, ls=":", lw=0.8)

@@ -829,3 +829,42 @@ def test_console_scripts_print_the_launchers_help(script, flag):
     assert flag in result.stdout, result.stderr[-3000:]
     module = "tf_breakeven.launch." + script.rsplit("-", 1)[1]
     assert f"python -m {module}" in result.stdout  # the module's docstring
+
+
+def test_report_trajectories_compare_an_adam_run_with_its_own_threshold(
+    tmp_path,
+):
+    """An Adam run's dashed threshold (38/eta) belongs with its
+    preconditioned sharpness, which the trajectories figure draws beside
+    lambda_1; its table row has the maximum preconditioned sharpness."""
+    recorder = tfb.Recorder(tmp_path / "records.jsonl")
+    for step, sharp in ((1, 10.0), (2, 30.0), (4, 50.0)):
+        recorder.write(
+            step=step,
+            epoch=0,
+            source="BreakEven",
+            metrics={
+                "hessian/lambda_1": sharp / 10,
+                "breakeven/preconditioned_sharpness": sharp,
+                "breakeven/threshold": 38.0 / (0.1 * step),
+            },
+            config={"criterion": "adam"},
+        )
+    recorder.close()
+    records = tfb.read_records(tmp_path / "records.jsonl")
+    fig = report.plot_trajectories([{"name": "adam", "records": records}])
+    lambda_1, compared, threshold = fig.axes[0].lines[:3]
+    np.testing.assert_array_equal(lambda_1.get_ydata(), [1.0, 3.0, 5.0])
+    np.testing.assert_array_equal(compared.get_ydata(), [10.0, 30.0, 50.0])
+    np.testing.assert_allclose(threshold.get_ydata(), [380.0, 190.0, 95.0])
+    row = report.table(
+        [
+            {
+                "name": "adam",
+                "config": {"model": "m", "learning_rate": 0.1, "batch_size": 8},
+                "summary": {},
+                "records": records,
+            }
+        ]
+    )[0]
+    assert row["max_preconditioned_sharpness"] == 50.0
