@@ -6,7 +6,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import build, cross_entropy, data_for, floatx, jacobian_hessian
+from conftest import (
+    build,
+    cross_entropy,
+    data_for,
+    floatx,
+    jacobian_hessian,
+    plain_gradient,
+)
 
 import tf_breakeven as tfb
 from tf_breakeven import callbacks as cb
@@ -373,7 +380,7 @@ def test_presets_follow_the_exact_hessian_over_a_short_fit(name, tmp_path):
     exact64 = _tanh_mlp("float64")
     exact64.compile(loss=cross_entropy())
     first, warm = PRESET_TOLERANCE[name]
-    checked = 0
+    checked = extras = 0
     for callback in callbacks:
         if not isinstance(callback, (cb.BreakEven, cb.HessianSpectrum)):
             continue
@@ -382,9 +389,11 @@ def test_presets_follow_the_exact_hessian_over_a_short_fit(name, tmp_path):
             exact64.set_weights(
                 [w.astype(np.float64) for w in weights.weights[record["step"]]]
             )
-            exact = np.linalg.eigvalsh(
-                jacobian_hessian(exact64, x.astype(np.float64), y, True)
-            )[::-1]
+            hessian = jacobian_hessian(exact64, x.astype(np.float64), y, True)
+            exact = np.linalg.eigvalsh(hessian)[::-1]
+            extras += _check_full_extras(
+                record, hessian, exact64, x.astype(np.float64), y
+            )
             top = record["hessian/lambda_1"]
             # A Ritz value: never above the exact top eigenvalue.
             assert top <= exact[0] * (1 + 1e-5), record["step"]
@@ -399,6 +408,33 @@ def test_presets_follow_the_exact_hessian_over_a_short_fit(name, tmp_path):
                 )
             checked += 1
     assert checked >= 3
+    assert (extras >= 3) == (name == "full")
+
+
+def _check_full_extras(record, hessian, model64, x, y):
+    """The "full" preset's alignment and probe-split spread against the
+    exact float64 Hessians (4 parts of 16 examples)."""
+    if "hessian/gradient_curvature" not in record:
+        return 0
+    g = plain_gradient(model64, model64.trainable_variables, x, y, True)
+    values, vectors = np.linalg.eigh(hessian)
+    top = vectors[:, ::-1][:, :5]
+    assert record["hessian/gradient_curvature"] == pytest.approx(
+        g @ hessian @ g / (g @ g), rel=1e-4
+    )
+    assert record["hessian/gradient_in_top_k"] == pytest.approx(
+        np.sum((top.T @ g) ** 2) / (g @ g), rel=1e-3, abs=1e-5
+    )
+    parts = [
+        np.linalg.eigvalsh(
+            jacobian_hessian(model64, x[a : a + 16], y[a : a + 16], True)
+        )[-1]
+        for a in range(0, 64, 16)
+    ]
+    assert record["hessian/lambda_1_std"] == pytest.approx(
+        np.std(parts, ddof=1), rel=1e-4
+    )
+    return 1
 
 
 def test_make_probe_is_seeded_and_sized():

@@ -137,8 +137,11 @@ def preset(
       `BreakEven` (20 Lanczos steps), `GradientCovariance` and
       `GradientConfusion` with micro-batches of M = 128 (smaller if the
       probe is small).
-    * "full": "paper" plus top-5 eigenvalues, trace, smallest eigenvalue
-      and spectral density, each epoch and at log-spaced steps.
+    * "full": "paper" plus top-5 eigenvalues, trace, smallest eigenvalue,
+      spectral density, the gradient's alignment with the top-5
+      eigenspace, the spread of lambda_1 over 4 disjoint probe parts
+      (`hessian/lambda_1_std`) and each layer's share of Tr(K), each epoch
+      and at log-spaced steps.
 
     This is the one place where the measurement callbacks are composed;
     the launcher (`tf_breakeven.launch`) calls it with its flags.
@@ -254,7 +257,9 @@ def _paper(
             **criterion,
             **common,
         ),
-        GradientCovariance(probe, **gram),
+        GradientCovariance(
+            probe, **gram, **({"blocks": "layer"} if full else {})
+        ),
         GradientConfusion(probe, **gram),
     ]
     if full:
@@ -266,11 +271,25 @@ def _paper(
                 trace=True,
                 smallest=True,
                 density=True,
+                alignment=True,
+                probe_splits=_splits(probe),
                 schedule=schedule,
                 **common,
             )
         )
     return callbacks
+
+
+# "full" reports the spread of lambda_1 over this many disjoint parts of
+# its probe (fewer for a probe of fewer examples).
+FULL_PROBE_SPLITS = 4
+
+
+def _splits(probe: tf.data.Dataset) -> int | None:
+    """`FULL_PROBE_SPLITS`, or fewer for a tiny probe (None below two)."""
+    size = sum(int(tf.shape(b[1])[0]) for b in probe)
+    parts = min(FULL_PROBE_SPLITS, size)
+    return parts if parts >= 2 else None
 
 
 def _microbatched(
