@@ -51,6 +51,7 @@ COLUMNS = (
     "final_accuracy",
     "breakeven_step",
     "max_lambda_H",
+    "max_preconditioned_sharpness",
     "max_lambda_K",
     "max_trK_over_lambda_K",
     "min_cos",

@@ -195,8 +195,7 @@ def test_default_call_stops_on_the_residual_bound_and_reports_it():
         assert np.all(pairs.residuals <= tol * np.abs(values))
         # An eigenvalue of H lies within each residual: here the top two.
         assert np.all(
-            np.abs(values - eigenvalues[::-1][:2])
-            <= pairs.residuals + 1e-12
+            np.abs(values - eigenvalues[::-1][:2]) <= pairs.residuals + 1e-12
         )
     full = tfb.hessian_eigenpairs(model64, data, k=2, tol=0.0)
     assert full.num_iterations == min(30, eigenvalues.size)
@@ -408,3 +407,28 @@ def test_uncompiled_model_without_loss_raises():
     model = build("mlp", compile_loss=False)
     with pytest.raises(ValueError, match="compile it"):
         tfb.HessianOperator(model, data_for("mlp"))
+
+
+def test_every_layer_block_shares_one_compiled_solver(monkeypatch):
+    """`blocks="layer"` solves each block as the full operator restricted
+    to its coordinates: one solver trace for all blocks, not one each."""
+    model64 = build("mlp_l2", "float64")
+    x, y = data_for("mlp_l2", n=12)
+    traces = []
+    eigsh = tfb.linalg.eigsh
+
+    def counting(*args, **kwargs):
+        traces.append(1)  # Python runs only while tracing
+        return eigsh(*args, **kwargs)
+
+    monkeypatch.setattr(tfb.linalg, "eigsh", counting)
+    got = tfb.hessian_eigenvalues(model64, (x, y), blocks="layer", tol=0.0)
+    hessian = jacobian_hessian(model64, x, y, True)
+    start = 0
+    for layer in model64.layers:
+        size = sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+        block = hessian[start : start + size, start : start + size]
+        want = np.linalg.eigvalsh(block)[-1]
+        assert got[layer.name][0] == pytest.approx(want, rel=1e-9)
+        start += size
+    assert len(got) == 2 and len(traces) == 1

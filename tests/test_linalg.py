@@ -841,7 +841,10 @@ def test_eigsh_tol_is_traced_once():
     matrix = tf.Variable(_decaying(), dtype=tf.float64)
     solve = tf.function(
         lambda: linalg.eigsh(
-            lambda v: tf.linalg.matvec(matrix, v), 60, 1, tol=1e-6,
+            lambda v: tf.linalg.matvec(matrix, v),
+            60,
+            1,
+            tol=1e-6,
             dtype=tf.float64,
         )
     )
@@ -855,15 +858,11 @@ def test_eigsh_tol_is_traced_once():
 
 
 def test_eigsh_tol_on_zero_and_non_finite_operators():
-    zero = linalg.eigsh(
-        lambda v: 0.0 * v, 20, 2, tol=1e-3, dtype=tf.float64
-    )
+    zero = linalg.eigsh(lambda v: 0.0 * v, 20, 2, tol=1e-3, dtype=tf.float64)
     assert int(zero.num_iterations) == 2
     np.testing.assert_array_equal(zero.eigenvalues, [0.0, 0.0])
     assert np.all(np.asarray(zero.converged))
-    nan = linalg.eigsh(
-        lambda v: v * np.nan, 20, 2, tol=1e-3, dtype=tf.float64
-    )
+    nan = linalg.eigsh(lambda v: v * np.nan, 20, 2, tol=1e-3, dtype=tf.float64)
     # A diverged operator stops at once and reports NaN, never converged.
     assert int(nan.num_iterations) == 1
     assert np.all(np.isnan(nan.eigenvalues))
@@ -874,8 +873,69 @@ def test_eigsh_warm_start_from_an_eigenvector_stops_after_one_step():
     matrix = _decaying()
     top = np.linalg.eigh(matrix)[1][:, -1]
     result = linalg.eigsh(
-        _matvec(matrix), 60, 1, tol=1e-6, start_vector=tf.constant(top),
+        _matvec(matrix),
+        60,
+        1,
+        tol=1e-6,
+        start_vector=tf.constant(top),
         dtype=tf.float64,
     )
     assert int(result.num_iterations) == 1
     np.testing.assert_allclose(result.eigenvalues, [10.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("size", [3, 7, 25])
+def test_eigsh_in_a_subspace_gives_the_diagonal_block(which, size):
+    """`subspace=` solves the block of the selected coordinates exactly,
+    with no spurious zeros from the rest of the space, even when the block
+    is negative definite and has fewer dimensions than the steps asked for
+    (the Krylov space is exhausted)."""
+    dim = 40
+    matrix = _gaussian_symmetric(dim, seed=size)
+    chosen = np.sort(np.random.default_rng(size).choice(dim, size, False))
+    mask = np.zeros(dim)
+    mask[chosen] = 1.0
+    block = matrix[np.ix_(chosen, chosen)] - 10.0 * np.eye(size)  # all < 0
+    shifted = matrix - 10.0 * np.diag(mask)
+    masked = mask[:, None] * shifted * mask[None]
+    solve = tf.function(
+        lambda m: linalg.eigsh(
+            lambda v: tf.linalg.matvec(tf.constant(masked), v),
+            dim,
+            min(3, size),
+            which=which,
+            num_iterations=30,
+            dtype=tf.float64,
+            subspace=m,
+        )
+    )
+    result = solve(tf.constant(mask))
+    exact = np.linalg.eigvalsh(block)
+    want = exact[::-1][: min(3, size)] if which == "largest" else exact[:3]
+    np.testing.assert_allclose(result.eigenvalues, want, rtol=1e-10)
+    vectors = np.asarray(result.eigenvectors)
+    assert np.all(vectors[:, mask == 0] == 0)
+    assert int(result.num_iterations) == min(30, size)
+
+
+def test_eigsh_subspaces_share_one_trace():
+    dim = 30
+    matrix = _gaussian_symmetric(dim, seed=3)
+    solve = tf.function(
+        lambda m: linalg.eigsh(
+            lambda v: m * tf.linalg.matvec(tf.constant(matrix), m * v),
+            dim,
+            1,
+            dtype=tf.float64,
+            tol=0.0,
+            subspace=m,
+        )
+    )
+    for chosen in (np.arange(0, 10), np.arange(10, 30)):
+        mask = np.zeros(dim)
+        mask[chosen] = 1.0
+        got = solve(tf.constant(mask)).eigenvalues[0]
+        want = np.linalg.eigvalsh(matrix[np.ix_(chosen, chosen)])[-1]
+        assert float(got) == pytest.approx(want, rel=1e-10)
+    assert solve.experimental_get_tracing_count() == 1

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_breakeven import curvature, spectrum
-from tf_breakeven.blocks import BlocksLike, variable_blocks
+from tf_breakeven.blocks import BlocksLike, flat_columns, variable_blocks
 from tf_breakeven.curvature import directional_curvature  # noqa: F401
 from tf_breakeven.functional import (
     Batch,
@@ -54,7 +54,7 @@ from tf_breakeven.operators import (
     loss_key,
 )
 from tf_breakeven.spectrum import Eigenpairs
-from tf_breakeven.validation import ArgumentError, check_choice
+from tf_breakeven.validation import ArgumentError, check_choice, check_int
 
 METHODS = ("auto", "forward_over_backward", "backward_over_backward")
 # Kept for code that imported the old name.
@@ -401,6 +401,62 @@ class BlockHessianOperator(HessianOperator):
         full = self.function.shapes
         return [full[i] for i in self.indices]
 
+    def _subspace(self) -> _SubspaceView:
+        """This block as the full Hessian restricted to its coordinates,
+        the form the solvers take: every block of one model shares one
+        compiled solver (the coordinates are one of its inputs)."""
+        mask = np.zeros(self.function.dim)
+        for start, stop in flat_columns(self.function.shapes, self.indices):
+            mask[start:stop] = 1.0
+        view = object.__new__(_SubspaceView)
+        view.__dict__.update(self.__dict__)
+        view.subspace = tf.constant(mask, self.dtype)
+        return view
+
+    def eigenpairs(
+        self,
+        k: int = 1,
+        *,
+        start_vector: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> Eigenpairs:
+        """Top or bottom k eigenpairs of the block H_bb (`spectrum.eigenpairs`
+        arguments); eigenvectors shaped like the block's variables.
+
+        Solved as the full operator restricted to the block's coordinates
+        (`linalg.eigsh(subspace=...)`), so the blocks of a model share one
+        trace; `spectrum.eigenpairs(block_operator)` gives the same numbers
+        with one trace per block.
+        """
+        k = check_int("k", k, 1)
+        if k > self.dim:
+            raise ArgumentError(
+                f"k={k} exceeds the {self.dim} parameters of the block; "
+                "pass a smaller k."
+            )
+        if start_vector is not None:
+            start_vector = self._pad(
+                check_vector(start_vector, self.shapes, self.dtype)
+            )
+        pairs = spectrum.eigenpairs(
+            self._subspace(), k, start_vector=start_vector, **kwargs
+        )
+        return Eigenpairs(
+            pairs.eigenvalues,
+            [[u[i] for i in self.indices] for u in pairs.eigenvectors],
+            residuals=pairs.residuals,
+            converged=pairs.converged,
+            num_iterations=pairs.num_iterations,
+            tol=pairs.tol,
+        )
+
+    def _pad(self, block: list[tf.Tensor]) -> list[tf.Tensor]:
+        """A block-shaped vector as a full one, zero outside the block."""
+        full = [tf.zeros(s, self.dtype) for s in self.function.shapes]
+        for i, part in zip(self.indices, block):
+            full[i] = part
+        return full
+
     @property
     def dim(self) -> int:
         return sum(s.num_elements() for s in self.shapes)
@@ -429,22 +485,28 @@ class BlockHessianOperator(HessianOperator):
     def directional_curvature(self, direction: Sequence[Any]) -> tf.Tensor:
         """`e^T H_i e` for `e` in the block (zero elsewhere)."""
         direction = check_vector(direction, self.shapes, self.dtype)
-        full = [tf.zeros(s, self.dtype) for s in self.function.shapes]
-        for i, d in zip(self.indices, direction):
-            full[i] = d
-        return curvature.probe_curvature(_FullView(self), full)
+        return curvature.probe_curvature(self._subspace(), self._pad(direction))
 
 
-class _FullView:
-    """A block operator seen with the full parameter layout (for the
-    curvature kernel, which differentiates every variable)."""
+class _SubspaceView(HessianOperator):
+    """The full Hessian operator restricted to the coordinates of a 0/1
+    vector `subspace`: `v -> s * H (s * v)`, with `subspace` among the
+    compiled solvers' inputs (see `BlockHessianOperator.eigenpairs`)."""
 
-    def __init__(self, operator: BlockHessianOperator):
-        self.function = operator.function
-        self.batches = operator.batches
-        self.jit_compile = operator.jit_compile
-        self.shapes = operator.function.shapes
-        self.dtype = operator.dtype
+    subspace: tf.Tensor | None
+
+    def flat_matvec(self, vector: tf.Tensor) -> tf.Tensor:
+        return self.subspace * super().flat_matvec(self.subspace * vector)
+
+    def solver_inputs(self) -> tuple[HessianKernel, tuple, Any]:
+        kernel, key, batches = super().solver_inputs()
+        return kernel, key + ("subspace",), (batches, self.subspace)
+
+    def with_inputs(self, inputs: Any) -> _SubspaceView:
+        batches, subspace = (None, None) if inputs is None else inputs
+        bound = super().with_inputs(batches)
+        bound.subspace = subspace
+        return bound
 
 
 def block_operators(
@@ -545,12 +607,8 @@ def hessian_eigenpairs(
         "method": method,
         "jit_compile": jit_compile,
     }
-    solve = {
-        "which": which,
-        "num_iterations": num_iterations,
-        "tol": tol,
-        "seed": seed,
-    }
+    solve = {"which": which, "num_iterations": num_iterations, "tol": tol}
+    solve["seed"] = seed
     if blocks is None:
         op = HessianOperator(model, data, **options)
         return spectrum.eigenpairs(op, k, start_vector=start_vector, **solve)
@@ -560,7 +618,7 @@ def hessian_eigenpairs(
             "it out (each block starts from its own random vector)."
         )
     return {
-        name: spectrum.eigenpairs(op, min(k, op.dim), **solve)
+        name: op.eigenpairs(min(k, op.dim), **solve)
         for name, op in block_operators(model, data, blocks, **options).items()
     }
 

@@ -312,11 +312,18 @@ def _lanczos_residual(
 
 
 def _fresh_direction(
-    rows: tf.TensorArray, num_rows: tf.Tensor, seed: tf.Tensor, like: tf.Tensor
+    rows: tf.TensorArray,
+    num_rows: tf.Tensor,
+    seed: tf.Tensor,
+    like: tf.Tensor,
+    subspace: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """A seeded random unit vector orthogonal to the first `num_rows` rows
-    (a restart): Gram-Schmidt twice ("twice is enough")."""
+    (a restart), inside `subspace` when given: Gram-Schmidt twice ("twice
+    is enough")."""
     fresh = _normal(like.shape, seed, like.dtype)
+    if subspace is not None:
+        fresh = fresh * subspace
     for _ in range(2):
         fresh = _project_out_rows(fresh, rows, num_rows)
     return tf.math.divide_no_nan(fresh, tf.norm(fresh))
@@ -331,6 +338,7 @@ def _lanczos(
     counter: Any,
     dtype: tf.DType,
     stop: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+    subspace: tf.Tensor | None = None,
 ) -> tuple[LanczosResult, tf.Tensor]:
     """Lanczos without input checks; draws seeds [seed, counter + 0..m].
 
@@ -339,13 +347,22 @@ def _lanczos(
 
     After each step n (n = 1..m), `stop(n, alphas, betas)` (a boolean
     scalar; `betas[n - 1]` is the norm of the residual of step n) may end
-    the iteration early; entries past n stay zero. Returns the result
-    (with the `[m]` betas) and the number of steps taken.
+    the iteration early; entries past n stay zero. With `subspace` (a
+    `[dim]` 0/1 vector; the operator must map it into itself) the start
+    and restart vectors are masked to it and at most its dimension of steps
+    run. Returns the result (with the `[m]` betas) and the number of steps
+    taken.
     """
     m = num_iterations
     eps = float(np.finfo(dtype.as_numpy_dtype).eps)
     rtol = eps**_BREAKDOWN_EPS_POWER
     v0 = _unit_start(start_vector, dim, seed, counter, dtype)
+    limit = tf.constant(m)
+    if subspace is not None:
+        subspace = tf.cast(subspace, dtype)
+        limit = tf.minimum(limit, tf.cast(tf.reduce_sum(subspace), tf.int32))
+        masked = v0 * subspace
+        v0 = tf.math.divide_no_nan(masked, tf.norm(masked))
     # One spare row so that step j can always store v_{j+1} (it is dropped).
     basis = tf.TensorArray(
         dtype, size=m + 1, element_shape=[dim], clear_after_read=False
@@ -367,7 +384,7 @@ def _lanczos(
         v_next, beta = tf.cond(
             beta <= rtol * anorm,
             lambda: (
-                _fresh_direction(basis, j + 1, restart_seed, w),
+                _fresh_direction(basis, j + 1, restart_seed, w, subspace),
                 tf.zeros_like(beta),
             ),
             lambda: (w / beta, beta),
@@ -380,7 +397,7 @@ def _lanczos(
         return j + 1, basis, alphas, betas, anorm, done
 
     steps, basis, alphas, betas, _, _ = tf.while_loop(
-        lambda j, *rest: tf.logical_and(j < m, tf.logical_not(rest[-1])),
+        lambda j, *rest: tf.logical_and(j < limit, tf.logical_not(rest[-1])),
         body,
         (
             tf.constant(0),
@@ -564,6 +581,7 @@ def _ritz(
     betas = tf.cast(betas, tf.float64)
     m = alphas.shape[0]
     active = tf.range(m) < steps
+
     def largest_active(values):
         return tf.reduce_max(tf.where(active, tf.abs(values), 0.0))
 
@@ -614,6 +632,7 @@ def eigsh(
     start_vector: tf.Tensor | None = None,
     seed: Seed = 0,
     dtype: Any = tf.float32,
+    subspace: tf.Tensor | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by Lanczos (Ritz pairs).
 
@@ -648,6 +667,12 @@ def eigsh(
             eigenvector).
         seed: int or integer scalar tensor for the random start/restarts.
         dtype: working dtype; the tridiagonal problem is solved in float64.
+        subspace: optional `[dim]` 0/1 vector (a tensor, so one trace serves
+            many): the eigenpairs of the operator restricted to the
+            coordinates it selects, for an operator that maps them into
+            themselves (e.g. `mask * A(mask * v)`, a diagonal block of A).
+            At most that many steps run; it must select at least k
+            coordinates.
 
     Returns:
         `EigenResult`: eigenvalues `[k]` in dtype, eigenvectors `[k, dim]`
@@ -664,7 +689,15 @@ def eigsh(
     dtype = _check_dtype(dtype)
     stop = _stopping_rule(k, which, tol) if tol > 0 else None
     result, steps = _lanczos(
-        matvec, dim, m, start_vector, seed, 0, dtype, stop=stop
+        matvec,
+        dim,
+        m,
+        start_vector,
+        seed,
+        0,
+        dtype,
+        stop=stop,
+        subspace=subspace,
     )
     values, vectors, residuals = _ritz(
         result.alphas, result.betas, steps, k, which

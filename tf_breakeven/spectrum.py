@@ -173,6 +173,10 @@ def eigenpairs(
         seed: seed of the random start vector.
         start_vector: a warm start shaped like the trainable variables
             (e.g. the previous top eigenvector).
+
+    An operator with a `subspace` attribute (a flat 0/1 tensor, among its
+    `solver_inputs`) is solved restricted to those coordinates
+    (`linalg.eigsh(subspace=...)`).
     """
     # Validate eagerly in Python before any tracing.
     linalg.eigsh_config(
@@ -189,6 +193,7 @@ def eigenpairs(
             start_vector=start,
             seed=seed,
             dtype=op.dtype,
+            subspace=getattr(op, "subspace", None),
             **options,
         )
 

@@ -85,6 +85,103 @@ def resolve_criterion(
     return criterion
 
 
+def batch_sharpness_batches(
+    operator: Any,
+    batch_size: int | None,
+    wanted: bool | None,
+    criterion: str,
+) -> list | None:
+    """The probe's mini-batches of S for `breakeven/batch_sharpness`, or
+    None when it is not recorded: `wanted=None` records it for SGD
+    criteria when S is known and the probe holds a mini-batch (else an
+    info line says why not); True requires it (`ArgumentError` for too
+    small a probe)."""
+    if wanted is None:
+        wanted = (
+            batch_size is not None and criterion not in stability.PRECONDITIONED
+        )
+        if wanted and batch_size > operator.num_examples:
+            logging.info(
+                "BreakEven: the probe has %d examples, fewer than one "
+                "mini-batch of %d; breakeven/batch_sharpness is not "
+                "recorded (pass a larger probe).",
+                operator.num_examples,
+                batch_size,
+            )
+            return None
+    if not wanted:
+        return None
+    return sharpness.sharpness_batches(operator, batch_size)
+
+
+class PreconditionedSharpness:
+    """The top eigenvalue of P^{-1/2} H P^{-1/2} and its residual, P of the
+    optimizer's last step, warm-started from the previous eigenvector with
+    the solver settings of a `TopEigenpairs`; NaN before the optimizer's
+    first step (P undefined)."""
+
+    def __init__(self):
+        self.vector: list | None = None
+
+    def __call__(
+        self, model: keras.Model, hessian: TopEigenpairs
+    ) -> tuple[float, float]:
+        optimizer = model.optimizer
+        if not preconditioning.has_stepped(optimizer):
+            return math.nan, math.nan
+        operator = preconditioning.PreconditionedOperator(
+            hessian.operator, preconditioning.preconditioner(model, optimizer)
+        )
+        pairs = spectrum.eigenpairs(
+            operator,
+            1,
+            num_iterations=hessian.num_iterations,
+            tol=hessian.tol,
+            seed=hessian.seed,
+            start_vector=self.vector if hessian.warm_start else None,
+        )
+        value = float(pairs.eigenvalues[0])
+        finite = math.isfinite(value)
+        self.vector = pairs.eigenvectors[0] if finite else None
+        return value, float(pairs.residuals[0]) if finite else math.nan
+
+
+def _check_options(
+    criterion: str,
+    batch_size: int | None,
+    dataset_size: int | None,
+    batch_sharpness: bool | None,
+) -> None:
+    """`ArgumentError`s, with the fix, for options that cannot work."""
+    if criterion not in ("auto",) + stability.CRITERIA:
+        raise ArgumentError(
+            "`criterion` must be 'auto' or one of "
+            f"{stability.CRITERIA}; got {criterion!r}."
+        )
+    if criterion == "sgd" and (batch_size is None or dataset_size is None):
+        raise ArgumentError(
+            "criterion='sgd' needs the batch size S and training-set "
+            "size N: pass batch_size=... and dataset_size=...."
+        )
+    if batch_sharpness and batch_size is None:
+        raise ArgumentError(
+            "batch_sharpness=True needs the mini-batch size: pass "
+            "batch_size=...."
+        )
+
+
+def _warn_if_unsupported(optimizer: Any, criterion: str) -> None:
+    """A warning when the thresholds assume an SGD the optimizer is not."""
+    if criterion in stability.PRECONDITIONED:
+        return
+    if not isinstance(preconditioning.unwrap(optimizer), keras.optimizers.SGD):
+        logging.warning(
+            "BreakEven: %s is not SGD; the stability thresholds assume "
+            "SGD with heavy-ball momentum (taken as 0 here).",
+            type(optimizer).__name__,
+        )
+
+
 class StabilityMeasurement(Measurement):
     """lambda_1, the learning rate and the stability condition at a step.
 
@@ -105,21 +202,7 @@ class StabilityMeasurement(Measurement):
         momentum: Hyperparameter = None,
         batch_sharpness: bool | None = None,
     ):
-        if criterion not in ("auto",) + stability.CRITERIA:
-            raise ArgumentError(
-                "`criterion` must be 'auto' or one of "
-                f"{stability.CRITERIA}; got {criterion!r}."
-            )
-        if criterion == "sgd" and (batch_size is None or dataset_size is None):
-            raise ArgumentError(
-                "criterion='sgd' needs the batch size S and training-set "
-                "size N: pass batch_size=... and dataset_size=...."
-            )
-        if batch_sharpness and batch_size is None:
-            raise ArgumentError(
-                "batch_sharpness=True needs the mini-batch size: pass "
-                "batch_size=...."
-            )
+        _check_options(criterion, batch_size, dataset_size, batch_sharpness)
         self.hessian = hessian
         self.requested = criterion
         self.criterion = criterion
@@ -130,7 +213,7 @@ class StabilityMeasurement(Measurement):
         self.batch_sharpness = batch_sharpness
         self.breakeven_step: int | None = None
         self._sharpness_batches: list | None = None
-        self._preconditioned_vector: list | None = None
+        self._preconditioned = PreconditionedSharpness()
 
     def keys(self) -> list[str]:
         keys = self.hessian.keys() + [
@@ -184,44 +267,14 @@ class StabilityMeasurement(Measurement):
             raise ArgumentError(
                 f"BreakEven: the learning rate is {eta}; need > 0."
             )
-        if (
-            self.momentum is None
-            and self.criterion not in stability.PRECONDITIONED
-            and not isinstance(
-                preconditioning.unwrap(optimizer), keras.optimizers.SGD
-            )
-        ):
-            logging.warning(
-                "BreakEven: %s is not SGD; the stability thresholds assume "
-                "SGD with heavy-ball momentum (taken as 0 here).",
-                type(optimizer).__name__,
-            )
-        self._sharpness_batches = self._setup_batch_sharpness()
-
-    def _setup_batch_sharpness(self) -> list | None:
-        """The probe's mini-batches of S for `breakeven/batch_sharpness`,
-        or None when it is not recorded."""
-        wanted = self.batch_sharpness
-        if wanted is None:
-            wanted = (
-                self.batch_size is not None
-                and self.criterion not in stability.PRECONDITIONED
-            )
-        if not wanted:
-            return None
-        operator = self.hessian.operator
-        if self.batch_sharpness is None and self.batch_size > (
-            operator.num_examples
-        ):
-            logging.warning(
-                "BreakEven: the probe has %d examples, fewer than one "
-                "mini-batch of %d; breakeven/batch_sharpness is not "
-                "recorded (pass a larger probe).",
-                operator.num_examples,
-                self.batch_size,
-            )
-            return None
-        return sharpness.sharpness_batches(operator, self.batch_size)
+        if self.momentum is None:
+            _warn_if_unsupported(optimizer, self.criterion)
+        self._sharpness_batches = batch_sharpness_batches(
+            self.hessian.operator,
+            self.batch_size,
+            self.batch_sharpness,
+            self.criterion,
+        )
 
     def restore(self, records: list[dict]) -> None:
         self.breakeven_step = stability.find_break_even(
@@ -236,30 +289,6 @@ class StabilityMeasurement(Measurement):
         values = curvature.probe_curvature(self.hessian.operator, e).numpy()
         return float(np.var(values.astype(np.float64)))
 
-    def preconditioned_sharpness(self, model: keras.Model) -> tuple:
-        """(top eigenvalue of P^{-1/2} H P^{-1/2}, its residual); NaN
-        before the optimizer's first step (P undefined)."""
-        optimizer = model.optimizer
-        if not preconditioning.has_stepped(optimizer):
-            return math.nan, math.nan
-        hessian = self.hessian
-        operator = preconditioning.PreconditionedOperator(
-            hessian.operator, preconditioning.preconditioner(model, optimizer)
-        )
-        start = self._preconditioned_vector if hessian.warm_start else None
-        pairs = spectrum.eigenpairs(
-            operator,
-            1,
-            num_iterations=hessian.num_iterations,
-            tol=hessian.tol,
-            seed=hessian.seed,
-            start_vector=start,
-        )
-        value = float(pairs.eigenvalues[0])
-        finite = math.isfinite(value)
-        self._preconditioned_vector = pairs.eigenvectors[0] if finite else None
-        return value, float(pairs.residuals[0]) if finite else math.nan
-
     def compute(self, model: keras.Model, step: int) -> Result:
         metrics = dict(self.hessian.compute(model, step).metrics)
         eta, beta = self.hyperparameters(model, step)
@@ -268,10 +297,11 @@ class StabilityMeasurement(Measurement):
         kwargs: dict[str, Any] = {"momentum": beta}
         compared = lambda_1
         if self.criterion == "adam":
-            optimizer = preconditioning.unwrap(model.optimizer)
-            kwargs["beta_1"] = float(optimizer.beta_1)
+            kwargs["beta_1"] = float(
+                preconditioning.unwrap(model.optimizer).beta_1
+            )
         if self.criterion in stability.PRECONDITIONED:
-            compared, residual = self.preconditioned_sharpness(model)
+            compared, residual = self._preconditioned(model, self.hessian)
             metrics["breakeven/preconditioned_sharpness"] = compared
             metrics["breakeven/preconditioned_residual"] = residual
         if self.criterion == "sgd":

@@ -240,8 +240,7 @@ class HessianSpectrumMeasurement(TopEigenpairs):
     ) -> spectrum.Eigenpairs:
         """The top eigenpair of `operator` with this measurement's solver
         settings, warm-started from `start` when `warm_start`."""
-        return spectrum.eigenpairs(
-            operator,
+        return operator.eigenpairs(
             1,
             num_iterations=self.num_iterations,
             tol=self.tol,
