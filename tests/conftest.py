@@ -336,3 +336,15 @@ def rel_err(a, b):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def alignment_reference(hessian, gradient, k):
+    """(g^T H g / ||g||^2, share of ||g||^2 in the top-k eigenspace of H),
+    float64 numpy from the exact Hessian."""
+    _, vectors = np.linalg.eigh(hessian)
+    top = vectors[:, ::-1][:, :k]
+    squared = gradient @ gradient
+    return (
+        gradient @ hessian @ gradient / squared,
+        np.sum((top.T @ gradient) ** 2) / squared,
+    )

@@ -201,10 +201,8 @@ def test_default_call_stops_on_the_residual_bound_and_reports_it():
     assert full.num_iterations == min(30, eigenvalues.size)
 
 
-def test_solvers_are_shared_by_operators_on_data_of_the_same_shape(
-    monkeypatch,
-):
-    _, model64, _, _ = _spectrum_case()
+def _count_eigsh_traces(monkeypatch):
+    """A list that gains an entry each time `linalg.eigsh` is traced."""
     traces = []
     eigsh = tfb.linalg.eigsh
 
@@ -213,6 +211,14 @@ def test_solvers_are_shared_by_operators_on_data_of_the_same_shape(
         return eigsh(*args, **kwargs)
 
     monkeypatch.setattr(tfb.linalg, "eigsh", counting)
+    return traces
+
+
+def test_solvers_are_shared_by_operators_on_data_of_the_same_shape(
+    monkeypatch,
+):
+    _, model64, _, _ = _spectrum_case()
+    traces = _count_eigsh_traces(monkeypatch)
     tops = []
     for seed in (11, 12):
         x, y = data_for("mlp", n=16, seed=seed)
@@ -414,14 +420,7 @@ def test_every_layer_block_shares_one_compiled_solver(monkeypatch):
     to its coordinates: one solver trace for all blocks, not one each."""
     model64 = build("mlp_l2", "float64")
     x, y = data_for("mlp_l2", n=12)
-    traces = []
-    eigsh = tfb.linalg.eigsh
-
-    def counting(*args, **kwargs):
-        traces.append(1)  # Python runs only while tracing
-        return eigsh(*args, **kwargs)
-
-    monkeypatch.setattr(tfb.linalg, "eigsh", counting)
+    traces = _count_eigsh_traces(monkeypatch)
     got = tfb.hessian_eigenvalues(model64, (x, y), blocks="layer", tol=0.0)
     hessian = jacobian_hessian(model64, x, y, True)
     start = 0

@@ -73,8 +73,13 @@ def check_spectrum_and_trace(model, data, hessian, **kwargs):
     )
     np.testing.assert_allclose(top, eigenvalues[::-1][:2], atol=1e-9 * scale)
     bottom = tfb.hessian_eigenvalues(
-        model, data, k=1, which="smallest", num_iterations=dim, tol=0.0,
-        **kwargs
+        model,
+        data,
+        k=1,
+        which="smallest",
+        num_iterations=dim,
+        tol=0.0,
+        **kwargs,
     )
     np.testing.assert_allclose(bottom, eigenvalues[:1], atol=1e-9 * scale)
     trace = tfb.hessian_trace(model, data, num_samples=dim, **kwargs)
