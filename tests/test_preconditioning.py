@@ -322,3 +322,52 @@ def test_the_new_measurements_compile_with_xla():
         if not jit:
             eager = np.asarray(got, np.float64)
     np.testing.assert_allclose(np.asarray(got, np.float64), eager, rtol=1e-10)
+
+
+def test_mixed_precision_reads_p_through_the_loss_scale_optimizer():
+    """Keras wraps the optimizer of a mixed_float16 model in a
+    LossScaleOptimizer; P comes from the Adam inside it and still gives
+    the step (float32 slots: to float32 roundoff)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(6, activation="tanh"),
+                keras.layers.Dense(3, dtype="float32"),
+            ]
+        )
+    finally:
+        keras.config.set_dtype_policy(previous)
+    x, y = data_for("mlp", N)
+    x = x.astype("float32")
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=cross_entropy())
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    model.fit(x, y, epochs=2, batch_size=N, verbose=0)
+    before = flat(model.trainable_variables)
+    model.fit(x, y, epochs=1, batch_size=N, verbose=0)
+    adam = preconditioning.unwrap(model.optimizer)
+    p = np.concatenate(
+        [a.ravel() for a in preconditioning.preconditioner(model)]
+    )
+    names = [v.name for v in adam.variables]
+    momentum = np.concatenate(
+        [
+            adam.variables[names.index(v.path.replace("/", "_") + "_momentum")]
+            .numpy()
+            .ravel()
+            for v in model.trainable_variables
+        ]
+    )
+    step = -_lr(adam) * momentum / p
+    np.testing.assert_allclose(
+        flat(model.trainable_variables) - before,
+        step,
+        rtol=1e-4,
+        atol=1e-4 * np.max(np.abs(step)),
+    )
+    assert preconditioning.threshold(model.optimizer) == pytest.approx(
+        38 / _lr(adam)
+    )

@@ -308,9 +308,9 @@ class HessianSpectrum(MeasurementCallback):
             `hessian/lambda_1/<name>`, and its residual
             `hessian/residual_1/<name>`.
         probe_splits: R >= 2: also lambda_1 on each of R disjoint equal
-            parts of the probe (consecutive, N // R examples each,
-            warm-started from the full probe's eigenvector) and their
-            standard deviation (ddof=1), `hessian/lambda_1_std`.
+            parts of the probe (consecutive, N // R examples each; with
+            `warm_start`, started from the full probe's eigenvector) and
+            their standard deviation (ddof=1), `hessian/lambda_1_std`.
         alignment: also `hessian/gradient_curvature` (g^T H g / ||g||^2)
             and `hessian/gradient_in_top_k` (the share of ||g||^2 in the
             span of the k measured eigenvectors), g the probe gradient
