@@ -387,6 +387,11 @@ class BlockHessianOperator(HessianOperator):
         **kwargs: Any,
     ):
         super().__init__(model, data, **kwargs)
+        self._select(indices)
+
+    def _select(self, indices: Sequence[int]) -> None:
+        """Makes this the block of `indices`: the indices, the block's HVP
+        and its 0/1 coordinate mask in the flat parameter vector."""
         self.indices = tuple(sorted(int(i) for i in indices))
         count = len(self.function.shapes)
         if not self.indices or not all(0 <= i < count for i in self.indices):
@@ -395,6 +400,10 @@ class BlockHessianOperator(HessianOperator):
                 f"indices into the model's {count} trainable variables."
             )
         self._block_hvp = self.kernel.block_hvp(self.indices)
+        mask = np.zeros(self.function.dim)
+        for start, stop in flat_columns(self.function.shapes, self.indices):
+            mask[start:stop] = 1.0
+        self._mask = tf.constant(mask, self.dtype)
 
     @property
     def shapes(self) -> list[tf.TensorShape]:
@@ -405,12 +414,9 @@ class BlockHessianOperator(HessianOperator):
         """This block as the full Hessian restricted to its coordinates,
         the form the solvers take: every block of one model shares one
         compiled solver (the coordinates are one of its inputs)."""
-        mask = np.zeros(self.function.dim)
-        for start, stop in flat_columns(self.function.shapes, self.indices):
-            mask[start:stop] = 1.0
         view = object.__new__(_SubspaceView)
         view.__dict__.update(self.__dict__)
-        view.subspace = tf.constant(mask, self.dtype)
+        view.subspace = self._mask
         return view
 
     def eigenpairs(
@@ -464,8 +470,7 @@ class BlockHessianOperator(HessianOperator):
     def for_block(self, indices: Sequence[int]) -> BlockHessianOperator:
         """This operator's probe and options on another block."""
         other = copy.copy(self)
-        other.indices = tuple(sorted(int(i) for i in indices))
-        other._block_hvp = self.kernel.block_hvp(other.indices)
+        other._select(indices)
         return other
 
     def _matvec(self, vector: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -581,6 +586,9 @@ def hessian_eigenpairs(
 ) -> Eigenpairs | dict[str, Eigenpairs]:
     """Top (`which="largest"`, descending) or bottom (ascending) k eigenpairs.
 
+    This function is long because it serves both the whole Hessian and its
+    diagonal blocks, with one argument list.
+
     Lanczos with full reorthogonalization on Hessian-vector products,
     stopping once every pair's residual is below `tol` relative to its
     eigenvalue (default 1e-2; `tol=0.0` runs all `num_iterations`); see
@@ -607,8 +615,12 @@ def hessian_eigenpairs(
         "method": method,
         "jit_compile": jit_compile,
     }
-    solve = {"which": which, "num_iterations": num_iterations, "tol": tol}
-    solve["seed"] = seed
+    solve = {
+        "which": which,
+        "num_iterations": num_iterations,
+        "tol": tol,
+        "seed": seed,
+    }
     if blocks is None:
         op = HessianOperator(model, data, **options)
         return spectrum.eigenpairs(op, k, start_vector=start_vector, **solve)

@@ -272,7 +272,7 @@ def _paper(
                 smallest=True,
                 density=True,
                 alignment=True,
-                probe_splits=_splits(probe),
+                probe_splits=min(FULL_PROBE_SPLITS, _num_examples(probe)),
                 schedule=schedule,
                 **common,
             )
@@ -281,22 +281,21 @@ def _paper(
 
 
 # "full" reports the spread of lambda_1 over this many disjoint parts of
-# its probe (fewer for a probe of fewer examples).
+# its probe (fewer for a probe of fewer examples; `_microbatched` leaves at
+# least two).
 FULL_PROBE_SPLITS = 4
 
 
-def _splits(probe: tf.data.Dataset) -> int | None:
-    """`FULL_PROBE_SPLITS`, or fewer for a tiny probe (None below two)."""
-    size = sum(int(tf.shape(b[1])[0]) for b in probe)
-    parts = min(FULL_PROBE_SPLITS, size)
-    return parts if parts >= 2 else None
+def _num_examples(probe: tf.data.Dataset) -> int:
+    """Examples in a probe dataset of `(x, y[, w])` batches."""
+    return sum(int(tf.shape(b[1])[0]) for b in probe)
 
 
 def _microbatched(
     probe: tf.data.Dataset, microbatch_size: int | None
 ) -> tuple[tf.data.Dataset, int]:
     """The probe cut to a multiple of M, and M (default min(128, N / 8))."""
-    size = sum(int(tf.shape(b[1])[0]) for b in probe)
+    size = _num_examples(probe)
     micro = microbatch_size or min(128, max(1, size // 8))
     usable = size - size % micro
     if usable < 2 * micro:
