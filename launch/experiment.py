@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
+from absl import app, logging
 
 import tf_breakeven as tfb
 from tf_breakeven import models
@@ -427,6 +427,7 @@ def write_summary(
         "config": json.loads(config.to_json()),
         "final": {k: _finite(float(v[-1])) for k, v in history.items() if v},
         "breakeven_step": breakeven,
+        "total_steps": int(model.optimizer.iterations.numpy()),
         "num_records": len(records),
         "figures": figures,
         "max": _maxima(records),
@@ -471,3 +472,28 @@ def finish(
     if not run.chief:
         return {}
     return write_summary(config, workdir, run.model, history, callbacks)
+
+
+def shard(points: list, index: int, count: int) -> list:
+    """Every `count`-th of `points` from `index`: this shard's part."""
+    if count < 1 or not 0 <= index < count:
+        raise app.UsageError(
+            f"--shard_index={index} must be in [0, --num_shards={count})."
+        )
+    return points[index::count]
+
+
+def run_all(runs: list[tuple[str, Config]]) -> None:
+    """Runs every `(workdir, config)` in turn: finished runs (with a
+    summary) are skipped, unfinished ones resume from their backup."""
+    for workdir, config in runs:
+        if is_done(workdir):
+            logging.info("Skipping finished run %s", workdir)
+            continue
+        logging.info("Running %s", workdir)
+        try:
+            run, callbacks = prepare(config, workdir)
+        except ValueError as err:  # see tf_breakeven.launch.train.main
+            raise app.UsageError(str(err)) from None
+        finish(run, config, callbacks, workdir)
+        keras.backend.clear_session()

@@ -35,8 +35,6 @@ import tf_breakeven as tfb
 from tf_breakeven.launch import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Sweep directory.", required=True)
-flags.DEFINE_string("out", None, "Output directory (default workdir/report).")
 
 COLUMNS = (
     "run",
@@ -285,8 +283,19 @@ def main(argv: list[str]) -> None:
     )
 
 
+def _define_flags() -> None:
+    # Defined when the report runs as a program, not when it is imported:
+    # `tf_breakeven.launch.reproduce` writes this report from a process
+    # whose own --workdir is already defined.
+    flags.DEFINE_string("workdir", None, "Sweep directory.", required=True)
+    flags.DEFINE_string(
+        "out", None, "Output directory (default workdir/report)."
+    )
+
+
 def run() -> None:
     """Console script `tf-breakeven-report` (and `python -m`)."""
+    _define_flags()
     cli.run(main, __name__)
 
 

@@ -22,8 +22,7 @@ import ast
 import itertools
 import os
 
-import keras
-from absl import app, flags, logging
+from absl import app, flags
 
 from tf_breakeven.launch import cli
 
@@ -85,21 +84,15 @@ def grid_points() -> list[tuple[str, dict]]:
     return points
 
 
-def shard(points: list, index: int, count: int) -> list:
-    if count < 1 or not 0 <= index < count:
-        raise app.UsageError(
-            f"--shard_index={index} must be in [0, --num_shards={count})."
-        )
-    return points[index::count]
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from tf_breakeven.launch import experiment, validation
 
     base = train_flags.config_from_flags()
-    points = shard(grid_points(), FLAGS.shard_index, FLAGS.num_shards)
+    points = experiment.shard(
+        grid_points(), FLAGS.shard_index, FLAGS.num_shards
+    )
     runs = []
     for name, overrides in points:
         kwargs = {**base.model_kwargs, **overrides.pop("model_kwargs", {})}
@@ -109,17 +102,7 @@ def main(argv: list[str]) -> None:
             raise app.UsageError(f"grid point {name}: {err}") from None
         validation.check_config(config)  # every point, before any runs
         runs.append((os.path.join(FLAGS.workdir, name), config))
-    for workdir, config in runs:
-        if experiment.is_done(workdir):
-            logging.info("Skipping finished run %s", workdir)
-            continue
-        logging.info("Running %s", workdir)
-        try:
-            run, callbacks = experiment.prepare(config, workdir)
-        except ValueError as err:  # see tf_breakeven.launch.train.main
-            raise app.UsageError(str(err)) from None
-        experiment.finish(run, config, callbacks, workdir)
-        keras.backend.clear_session()
+    experiment.run_all(runs)
 
 
 def run() -> None:
