@@ -36,6 +36,7 @@ from tf_breakeven.callbacks import (
     GradientConfusion,
     GradientCovariance,
     HessianSpectrum,
+    ProbeLoss,
 )
 from tf_breakeven.curvature import directional_curvature
 from tf_breakeven.gradients import (
@@ -87,6 +88,7 @@ __all__ = [
     "HessianEigenpairs",
     "HessianOperator",
     "HessianSpectrum",
+    "ProbeLoss",
     "Recorder",
     "TrackingConfig",
     "TrackingModel",

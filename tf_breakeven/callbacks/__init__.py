@@ -10,7 +10,9 @@ setup, compute) per callback, one file each:
   stability criterion, and the break-even step;
 * `GradientCovariance` (`gradient_covariance.py`) and `GradientConfusion`
   (`gradient_confusion.py`): statistics of the sample-gradient Gram
-  matrix (`gradient_noise.py`).
+  matrix (`gradient_noise.py`);
+* `ProbeLoss` (`probe_loss.py`): the loss on the probe set at the same
+  steps (to compare runs at equal training loss).
 
 Measurements never change training (they run through
 `model.stateless_call`), never raise on a diverging run (NaN values are
@@ -38,6 +40,7 @@ from tf_breakeven.callbacks.hessian_spectrum import (
     HessianSpectrumMeasurement,
     TopEigenpairs,
 )
+from tf_breakeven.callbacks.probe_loss import ProbeLoss
 
 __all__ = [
     "BreakEven",
@@ -50,6 +53,7 @@ __all__ = [
     "Measurement",
     "MeasurementCallback",
     "Probe",
+    "ProbeLoss",
     "Result",
     "StabilityMeasurement",
     "TopEigenpairs",
