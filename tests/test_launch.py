@@ -816,6 +816,7 @@ def test_flags_are_generated_from_the_config_fields():
         ("tf-breakeven-train", "--learning_rate"),
         ("tf-breakeven-sweep", "--learning_rates"),
         ("tf-breakeven-report", "--workdir"),
+        ("tf-breakeven-reproduce", "--paper"),
     ],
 )
 def test_console_scripts_print_the_launchers_help(script, flag):
