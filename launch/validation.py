@@ -348,7 +348,9 @@ def check_against_data(
     steps_per_epoch = config.steps_per_epoch or max(
         1, num_train // config.batch_size
     )
-    if config.steps_per_epoch is None and num_train < config.batch_size:
+    # Every step takes a full batch (drop_remainder), also when
+    # --steps_per_epoch cuts or spans passes over the data.
+    if num_train < config.batch_size:
         raise app.UsageError(
             f"--batch_size={config.batch_size} is larger than the "
             f"{num_train} training examples of --dataset={config.dataset}; "

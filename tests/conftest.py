@@ -20,6 +20,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+# The fields of every claims.json entry (issue contract of the reproduce
+# launcher).
+CLAIM_KEYS = {"paper", "claim", "verdict", "effect", "seeds", "figure"}
+
 
 def cross_entropy():
     # A fresh loss per model: a Keras loss object built for a float64 model

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import cross_entropy
+from conftest import CLAIM_KEYS, cross_entropy
 
 import tf_breakeven as tfb
 from tf_breakeven import models
@@ -299,14 +299,7 @@ def test_report_schema_figures_and_markdown(tmp_path):
     entries = verdicts.read(paths["claims.json"])
     assert len(entries) == 7
     for entry in entries:
-        assert set(entry) == {
-            "paper",
-            "claim",
-            "verdict",
-            "effect",
-            "seeds",
-            "figure",
-        }
+        assert set(entry) == CLAIM_KEYS
         assert entry["paper"] == "breakeven"
         assert entry["verdict"] in claims.VERDICTS
         assert entry["seeds"] == list(SEEDS)

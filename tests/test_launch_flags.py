@@ -217,6 +217,11 @@ def test_bert_preset_gives_only_the_number_of_classes():
         ),
         ({"measure_every": "100", "epochs": 2}, (1437, 72, 1), "22 steps"),
         ({"batch_size": 2048}, (1437, 72, 1), "use at most 1437"),
+        (
+            {"batch_size": 128, "steps_per_epoch": 3},
+            (64, 32, 1),
+            "use at most 64",
+        ),
         ({"batch_size": 10}, (1437, 72, 4), "multiple of 4"),
         (
             {

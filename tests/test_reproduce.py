@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from conftest import CLAIM_KEYS
+
 from tf_breakeven.launch import claims
 
 # The launcher in a child process (absl flags are process-global) with the
@@ -49,14 +51,7 @@ def _check_schema(path, paper, count):
         entries = json.load(f)
     assert len(entries) == count
     for entry in entries:
-        assert set(entry) == {
-            "paper",
-            "claim",
-            "verdict",
-            "effect",
-            "seeds",
-            "figure",
-        }
+        assert set(entry) == CLAIM_KEYS
         assert entry["paper"] == paper
         assert entry["verdict"] in claims.VERDICTS
         assert os.path.getsize(path / "report" / entry["figure"]) > 0
