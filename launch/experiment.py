@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -483,6 +484,29 @@ def shard(points: list, index: int, count: int) -> list:
     return points[index::count]
 
 
+def run_one(
+    workdir: str,
+    config: Config,
+    extra_callbacks: Callable[[Run, Config], list] | None = None,
+) -> None:
+    """Prepares and trains one run (resuming from its backup), with the
+    callbacks `extra_callbacks(run, config)` after the preset's; then
+    clears the Keras session for the next run.
+
+    Raises:
+        absl.app.UsageError: a configuration the run cannot take (see
+            `tf_breakeven.launch.train.main`).
+    """
+    try:
+        run, callbacks = prepare(config, workdir)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    if extra_callbacks is not None:
+        callbacks += extra_callbacks(run, config)
+    finish(run, config, callbacks, workdir)
+    keras.backend.clear_session()
+
+
 def run_all(runs: list[tuple[str, Config]]) -> None:
     """Runs every `(workdir, config)` in turn: finished runs (with a
     summary) are skipped, unfinished ones resume from their backup."""
@@ -491,9 +515,4 @@ def run_all(runs: list[tuple[str, Config]]) -> None:
             logging.info("Skipping finished run %s", workdir)
             continue
         logging.info("Running %s", workdir)
-        try:
-            run, callbacks = prepare(config, workdir)
-        except ValueError as err:  # see tf_breakeven.launch.train.main
-            raise app.UsageError(str(err)) from None
-        finish(run, config, callbacks, workdir)
-        keras.backend.clear_session()
+        run_one(workdir, config)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from tf_breakeven.launch import claims as claims_lib
+from tf_breakeven.launch import report
 from tf_breakeven.launch.claims import Claim
 from tf_breakeven.launch.config import Config
 
@@ -222,19 +223,6 @@ def setting_name(setting: dict) -> str:
     return "_".join(parts)
 
 
-def _numbers(records: list[dict], key: str) -> list[float]:
-    return [
-        float(r[key])
-        for r in sorted(records, key=lambda r: r["step"])
-        if isinstance(r.get(key), (int, float))
-    ]
-
-
-def _finite_max(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return max(finite) if finite else math.nan
-
-
 def breakeven_claims(points: list[dict]) -> list[Claim]:
     """The break-even paper's claims from finished runs.
 
@@ -253,7 +241,7 @@ def breakeven_claims(points: list[dict]) -> list[Claim]:
                 points,
                 factor,
                 lower,
-                lambda p, key=key: _finite_max(_numbers(p["records"], key)),
+                lambda p, key=key: report.finite_max(p["records"], key),
             )
             claims.append(
                 claims_lib.factor_claim(

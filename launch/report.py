@@ -83,7 +83,8 @@ def load_runs(workdir: str) -> list[dict]:
     return runs
 
 
-def _max(records, key):
+def finite_max(records: list[dict], key: str) -> float:
+    """The largest finite number recorded under `key` (NaN: none)."""
     values = [r[key] for r in records if key in r]
     values = [
         v for v in values if isinstance(v, (int, float)) and math.isfinite(v)
@@ -118,12 +119,12 @@ def table(runs: list[dict]) -> list[dict]:
                 "final_loss": final.get("loss"),
                 "final_accuracy": final.get("accuracy"),
                 "breakeven_step": tfb.plotting.break_even_step(records),
-                "max_lambda_H": _max(records, "hessian/lambda_1"),
-                "max_preconditioned_sharpness": _max(
+                "max_lambda_H": finite_max(records, "hessian/lambda_1"),
+                "max_preconditioned_sharpness": finite_max(
                     records, "breakeven/preconditioned_sharpness"
                 ),
-                "max_lambda_K": _max(records, "grad_cov/lambda_1"),
-                "max_trK_over_lambda_K": _max(
+                "max_lambda_K": finite_max(records, "grad_cov/lambda_1"),
+                "max_trK_over_lambda_K": finite_max(
                     records, "grad_cov/trace_over_lambda_1"
                 ),
                 "min_cos": _min(records, "confusion/cos_min"),

@@ -245,24 +245,19 @@ def run_task(task: Task, grid: Any) -> None:
 
 def train_run(config, workdir: str) -> None:
     """One training run with `ProbeLoss` beside the preset's callbacks."""
-    import keras
-
     import tf_breakeven as tfb
     from tf_breakeven.launch import experiment
 
-    try:
-        run, callbacks = experiment.prepare(config, workdir)
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    callbacks.append(
-        tfb.ProbeLoss(
-            run.spec.probe,
-            schedule=experiment.measurement_schedule(config) or "epoch",
-            recorder=run.recorder,
-        )
-    )
-    experiment.finish(run, config, callbacks, workdir)
-    keras.backend.clear_session()
+    def probe_loss(run, config):
+        return [
+            tfb.ProbeLoss(
+                run.spec.probe,
+                schedule=experiment.measurement_schedule(config) or "epoch",
+                recorder=run.recorder,
+            )
+        ]
+
+    experiment.run_one(workdir, config, probe_loss)
 
 
 def main(argv: list[str]) -> None:

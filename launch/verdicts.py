@@ -20,6 +20,7 @@ from matplotlib.ticker import NullFormatter
 import tf_breakeven as tfb
 from tf_breakeven.launch import claims as claims_lib
 from tf_breakeven.launch import papers as papers_lib
+from tf_breakeven.launch import report
 from tf_breakeven.launch.claims import Claim
 
 
@@ -237,8 +238,6 @@ def _run_rows(effect: dict) -> list[str]:
 def write(workdir: str, paper: str, tasks: list, grid: Any) -> dict:
     """Writes claims.json, claims.md and their figures (and the sweep
     report of the training runs) into workdir/report; returns the paths."""
-    from tf_breakeven.launch import report
-
     out = os.path.join(workdir, "report")
     figures = os.path.join(out, "figures")
     os.makedirs(figures, exist_ok=True)
