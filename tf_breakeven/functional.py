@@ -401,6 +401,17 @@ def _uses_unrolled_recurrence_only(model: keras.Model) -> bool:
     return True
 
 
+def rolled_recurrent_variables(model: keras.Model) -> set[int]:
+    """`id`s of the variables of recurrent layers that run a
+    `tf.while_loop` (`unroll=False`): their ops run inside the loop body."""
+    return {
+        id(v)
+        for layer in _sublayers(model)
+        if isinstance(layer, keras.layers.RNN) and not layer.unroll
+        for v in layer.trainable_variables
+    }
+
+
 class ModelFunction:
     """A Keras model and a loss as pure functions of parameter tensors.
 
@@ -508,6 +519,27 @@ class ModelFunction:
         of BatchNormalization couple the examples in training mode). With
         `return_outputs`, returns `(losses, y_pred)`.
         """
+        losses, regularization, y_pred = self.losses_and_regularization(
+            params, state, x, y, sample_weight
+        )
+        if regularization is not None:
+            losses = losses + regularization
+        return (losses, y_pred) if return_outputs else losses
+
+    def losses_and_regularization(
+        self,
+        params: Sequence[tf.Tensor],
+        state: Sequence[tf.Tensor],
+        x: Any,
+        y: Any,
+        sample_weight: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor | None, Any]:
+        """`(w_i * l_i [B], regularization or None, y_pred)`.
+
+        `per_example_losses` without the regularization added: the sum of
+        the model's regularization losses (None when there are none or
+        `include_regularization` is off), a scalar.
+        """
         variables = self.model.trainable_variables
         params = [tf.cast(p, v.dtype) for p, v in zip(params, variables)]
         with exact_moments():
@@ -532,9 +564,10 @@ class ModelFunction:
             )
         if sample_weight is not None:
             losses = losses * tf.cast(sample_weight, self.dtype)
+        regularization = None
         if self.include_regularization and reg_losses:
-            losses = losses + tf.cast(tf.add_n(reg_losses), self.dtype)
-        return (losses, y_pred) if return_outputs else losses
+            regularization = tf.cast(tf.add_n(reg_losses), self.dtype)
+        return losses, regularization, y_pred
 
     def loss_sum(
         self,

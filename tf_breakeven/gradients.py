@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_breakeven import linalg, statistics
+from tf_breakeven import ghost, linalg, statistics
 from tf_breakeven.blocks import BlocksLike, flat_columns, variable_blocks
 from tf_breakeven.distribute import concat_over_replicas
 from tf_breakeven.functional import (
@@ -54,6 +54,7 @@ from tf_breakeven.functional import (
     measurement_warning,
     pfor_safe_einsum,
     probe_batches,
+    rolled_recurrent_variables,
     slice_batch,
 )
 from tf_breakeven.operators import (
@@ -218,6 +219,222 @@ def gradient_kernel(
     return cached_kernel(model, key, build)
 
 
+class GhostKernel:
+    """`tf.function`s of the ghost Gram engine for one model configuration.
+
+    Shared per model configuration (`ghost_kernel`). `discover` traces
+    one sample once to find which kernels are tapped (`tf_breakeven.ghost`);
+    the vectorized pass `signals` then returns, stacked over samples, the
+    inputs and output gradients of every tapped call and the sample
+    gradients of the other variables, and `parts` turns them into one Gram
+    matrix per variable.
+
+    Attributes:
+        function: the model and loss as a pure function.
+        vectorized: whether samples go through pfor (False: a loop).
+        tapped: `{variable index: [(kind, options) per call]}` once
+            discovered; `others`: the indices of the other variables.
+        regularized: tapped indices with a weight-regularizer gradient.
+    """
+
+    def __init__(self, function: ModelFunction, jit: bool):
+        self.function = function
+        self.vectorized = not function.has_rolled_recurrence
+        rolled = rolled_recurrent_variables(function.model)
+        self.allowed = {
+            i for i, v in enumerate(function.variables) if id(v) not in rolled
+        }
+        self.tapped: dict[int, list] | None = None
+        self.others: list[int] = []
+        self.regularized: list[int] = []
+        self._signatures: dict = {}
+        self.signals = tf.function(self.stacked_signals, jit_compile=jit)
+        self.parts = tf.function(self.variable_grams, jit_compile=jit)
+        self.regularization = tf.function(
+            self.regularization_gradients, jit_compile=jit
+        )
+
+    def sample_signals(self, params, state, sample: Batch, found=None):
+        """One sample's (tapped inputs, their output gradients, other
+        gradients), each a tuple in call order; untraced. With `found`
+        (a dict), records what was tapped, leaked and regularized."""
+        fn = self.function
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(params)
+            recorder = ghost.Recorder(fn.variables, self.allowed, tape)
+            with recorder.active():
+                data, reg, _ = fn.losses_and_regularization(
+                    params, state, *sample
+                )
+            data = tf.reduce_mean(data)
+            total = data if reg is None else data + reg
+        tapped = sorted(recorder.calls)
+        others = [i for i in range(len(params)) if i not in recorder.calls]
+        if found is not None:
+            leaks = tape.gradient(data, [params[i] for i in tapped])
+            found["leaks"] = [i for i, g in zip(tapped, leaks) if g is not None]
+            found["calls"] = {
+                i: [(c.kind, c.options) for c in recorder.calls[i]]
+                for i in tapped
+            }
+            found["others"] = others
+            regs = [None] * len(tapped)
+            if reg is not None:
+                regs = tape.gradient(reg, [params[i] for i in tapped])
+            found["regularized"] = [
+                i for i, g in zip(tapped, regs) if g is not None
+            ]
+        calls = [c for i in tapped for c in recorder.calls[i]]
+        grads = tape.gradient(
+            total,
+            [c.outputs for c in calls] + [params[i] for i in others],
+            unconnected_gradients=_ZERO,
+        )
+        del tape
+        inputs = tuple(c.inputs for c in calls)
+        other = tuple(dense(g, params[i]) for g, i in zip(grads[len(calls) :], others))
+        return inputs, tuple(grads[: len(calls)]), other
+
+    def discover(self, samples: Batch) -> None:
+        """Finds the tapped kernels by tracing the first sample (once per
+        sample shape: the loop of rolled recurrent models needs the
+        output signature)."""
+        first = _first_sample(samples)
+        key = _spec_key(first)
+        if key in self._signatures:
+            return
+        fn = self.function
+        while True:
+            found: dict = {}
+
+            def trace(*sample):
+                return self.sample_signals(
+                    fn.read_parameters(), fn.read_state(), Batch(*sample), found
+                )
+
+            concrete = tf.function(trace, autograph=False)
+            concrete = concrete.get_concrete_function(*first)
+            if not found["leaks"]:
+                break
+            self.allowed -= set(found["leaks"])
+        self.tapped, self.others = found["calls"], found["others"]
+        self.regularized = found["regularized"]
+        self._signatures[key] = tf.nest.map_structure(
+            lambda t: tf.TensorSpec(t.shape, t.dtype),
+            concrete.structured_outputs,
+        )
+
+    def stacked_signals(self, x, y, sample_weight):
+        """`sample_signals` of every sample, stacked; inputs [n, M, ...]."""
+        fn = self.function
+        params, state = fn.read_parameters(), fn.read_state()
+
+        def one(sample):
+            weight = sample[2] if len(sample) == 3 else None
+            return self.sample_signals(
+                params, state, Batch(sample[0], sample[1], weight)
+            )
+
+        elems = (x, y) if sample_weight is None else (x, y, sample_weight)
+        return map_samples(
+            one,
+            elems,
+            vectorized=self.vectorized,
+            output_signature=self._signatures.get(
+                _spec_key(_first_sample(Batch(x, y, sample_weight)))
+            ),
+        )
+
+    def regularization_gradients(self, x, y, sample_weight):
+        """The weight regularizers' gradients of `regularized`, untraced
+        (the same for every sample; computed on the one sample given)."""
+        fn = self.function
+        params = fn.read_parameters()
+        recorder = ghost.Recorder(fn.variables, self.allowed)
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            with recorder.active():
+                _, reg, _ = fn.losses_and_regularization(
+                    params, fn.read_state(), x, y, sample_weight
+                )
+        return tape.gradient(reg, [params[i] for i in self.regularized])
+
+    def layers(self, inputs, grads) -> list[tuple[ghost.Layer, Any, Any]]:
+        """(Layer, a, b) of every tapped kernel, calls joined."""
+        shapes = self.function.shapes
+        out, position = [], 0
+        for index, calls in self.tapped.items():
+            parts = []
+            for kind, options in calls:
+                n = inputs[position].shape[0]
+                parts.append(
+                    ghost.shaped(
+                        inputs[position], grads[position], kind, options, n
+                    )
+                )
+                position += 1
+            a = tf.concat([p[0] for p in parts], axis=1)
+            b = tf.concat([p[1] for p in parts], axis=1)
+            kind, options = calls[0]
+            shape = tuple(shapes[index].as_list())
+            d_in = shape[0] if kind == "take" else a.shape[-1]
+            layer = ghost.Layer(
+                index, kind, options, shape, n, a.shape[1], d_in, b.shape[-1]
+            )
+            out.append((layer, a, b))
+        return out
+
+    def variable_grams(self, signals, regularization, memory_budget):
+        """One float64 [n, n] Gram matrix per trainable variable, stacked
+        [V, n, n], from `signals` and the regularizers' gradients."""
+        inputs, grads, others = signals
+        grams = [None] * len(self.function.shapes)
+        regs = dict(zip(self.regularized, regularization))
+        for layer, a, b in self.layers(inputs, grads):
+            method = ghost.layer_method(layer, memory_budget)
+            gram = ghost.layer_gram(layer, a, b, method)
+            if layer.index in regs:
+                r = regs[layer.index]
+                terms = ghost.regularizer_terms(layer, a, b, r)
+                norm = tf.reduce_sum(tf.square(tf.cast(r, tf.float64)))
+                gram += terms[:, None] + terms[None, :] + norm
+            grams[layer.index] = gram
+        for index, stacked in zip(self.others, others):
+            rows = flat_rows([stacked])
+            grams[index] = tf.matmul(rows, rows, transpose_b=True)
+        return tf.stack(grams)
+
+
+def _first_sample(samples: Batch) -> tuple:
+    """The first sample of `samples` [n, M, ...] as a batch [M, ...]."""
+    return tuple(
+        None if part is None else tf.nest.map_structure(lambda t: t[0], part)
+        for part in samples
+    )
+
+
+def _spec_key(sample: tuple) -> tuple:
+    return tuple(
+        (tuple(t.shape.as_list()), t.dtype.name)
+        for t in tf.nest.flatten([p for p in sample if p is not None])
+    )
+
+
+def ghost_kernel(
+    model: keras.Model,
+    loss: LossLike = None,
+    *,
+    training: bool = True,
+    jit_compile: bool = False,
+) -> GhostKernel:
+    """The shared `GhostKernel` of a model configuration."""
+    function = ModelFunction(model, loss, training=training)
+    key = ("ghost", loss_key(loss), bool(training), bool(jit_compile))
+    return cached_kernel(
+        model, key, lambda: GhostKernel(function, jit_compile)
+    )
+
+
 def prepare_samples(
     model: keras.Model, data: Any, microbatch_size: int, training: bool
 ) -> Batch:
@@ -336,6 +553,7 @@ def gradient_gram(
     model: keras.Model,
     data: Any,
     *,
+    method: str = "auto",
     microbatch_size: int = 1,
     loss: LossLike = None,
     training: bool = True,
@@ -358,9 +576,10 @@ def gradient_gram(
     Returns:
         A symmetric [n, n] numpy float64 array, n = N / M.
     """
-    return SampleRows(
+    return sample_rows(
         model,
         data,
+        method=method,
         microbatch_size=microbatch_size,
         loss=loss,
         training=training,
@@ -497,6 +716,161 @@ class SampleRows(ProbeOperator):
         return total
 
 
+METHODS = ("auto", "ghost", "materialize")
+
+
+def check_method(method: str) -> str:
+    """Validates a Gram engine name (see `gradient_gram`)."""
+    if method not in METHODS:
+        raise ArgumentError(
+            f"`method={method!r}` is not a Gram engine; pass one of "
+            f"{', '.join(repr(m) for m in METHODS)}."
+        )
+    return method
+
+
+class GhostRows(ProbeOperator):
+    """The ghost engine's Gram matrix of a probe set's sample gradients.
+
+    The same samples as `SampleRows` (n samples of M examples, each run as
+    its own batch), but no sample gradient of a tapped kernel is formed
+    (`tf_breakeven.ghost`). The signals are computed once, under a
+    multi-replica strategy a share of the samples per replica (gathered
+    in order); the Gram matrices are per variable, so block traces and
+    the covariance's eigenvectors come from the same pass.
+
+    Args:
+        model, data, microbatch_size, loss, training, memory_budget,
+            jit_compile: see `gradient_gram`; `memory_budget` bounds each
+            layer's part (`ghost.layer_method`).
+        kernel: the model's `GhostKernel`, already discovered.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        data: Any,
+        *,
+        microbatch_size: int = 1,
+        loss: LossLike = None,
+        training: bool = True,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        jit_compile: bool = False,
+        kernel: GhostKernel | None = None,
+    ):
+        self.microbatch_size = check_microbatch_size(
+            model, microbatch_size, training
+        )
+        self.kernel = kernel or ghost_kernel(
+            model, loss, training=training, jit_compile=jit_compile
+        )
+        super().__init__(
+            self.kernel.function, data, None, jit_compile=jit_compile
+        )
+        self.samples = split_samples(self.batches, self.microbatch_size)
+        _check_fits(self.kernel, self.samples)
+        self.n = tf.nest.flatten(self.samples.x)[0].shape[0]
+        self.kernel.discover(self.samples)
+        self.memory_budget = int(memory_budget)
+        self._signals = None
+        self._parts = None
+
+    def signals(self) -> tuple:
+        """The stacked signals of all samples (computed once)."""
+        if self._signals is None:
+            self._signals = concat_over_replicas(
+                self.strategy, self.kernel.signals, tuple(self.samples)
+            )
+        return self._signals
+
+    def regularization(self) -> list[tf.Tensor]:
+        """The weight regularizers' gradients of the tapped kernels."""
+        if not self.kernel.regularized:
+            return []
+        return self.kernel.regularization(*_first_sample(self.samples))
+
+    def parts(self) -> tf.Tensor:
+        """Per-variable Gram matrices, float64 [V, n, n]."""
+        if self._parts is None:
+            self._parts = self.kernel.parts(
+                self.signals(), self.regularization(), self.memory_budget
+            )
+        return self._parts
+
+    def gram(self) -> np.ndarray:
+        """G_ij = <g_i, g_j>, a symmetric float64 [n, n] numpy array."""
+        gram = tf.reduce_sum(self.parts(), axis=0).numpy()
+        return (gram + gram.T) / 2
+
+    def block_traces(self, blocks: dict[str, list[int]]) -> dict[str, float]:
+        """Tr(K_b) of each block, as `SampleRows.block_traces`."""
+        _check_num_samples(self.n)
+        parts = self.parts().numpy()
+        out = {}
+        for name, members in blocks.items():
+            gram = parts[list(members)].sum(axis=0)
+            out[name] = _centered_trace(
+                float(np.trace(gram)), float(gram.sum()), self.n
+            )
+        return out
+
+    def combine(self, coefficients: np.ndarray) -> tf.Tensor:
+        """sum_i coefficients[j, i] g_i for every row j, float64 [k, P]."""
+        inputs, grads, others = self.signals()
+        c = tf.constant(coefficients, tf.float64)
+        pieces = [None] * len(self.function.shapes)
+        regs = dict(zip(self.kernel.regularized, self.regularization()))
+        for layer, a, b in self.kernel.layers(inputs, grads):
+            total = ghost.layer_combination(layer, a, b, c)
+            if layer.index in regs:
+                r = tf.cast(regs[layer.index], tf.float64)
+                total += tf.reduce_sum(c, axis=1)[:, None, None] * r[None]
+            pieces[layer.index] = tf.reshape(total, [c.shape[0], -1])
+        for index, stacked in zip(self.kernel.others, others):
+            pieces[index] = tf.matmul(c, flat_rows([stacked]))
+        return tf.concat(pieces, axis=1)
+
+
+def sample_rows(
+    model: keras.Model,
+    data: Any,
+    *,
+    method: str = "auto",
+    microbatch_size: int = 1,
+    loss: LossLike = None,
+    training: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    jit_compile: bool = False,
+) -> SampleRows | GhostRows:
+    """The Gram engine `method` picks for the model, on the probe set.
+
+    "auto" takes the ghost engine when it taps at least one kernel (its
+    per-layer choice is never costlier than forming the layer's sample
+    gradients), else the materialized one; the choice is logged at debug
+    level.
+    """
+    check_method(method)
+    kwargs = dict(
+        microbatch_size=microbatch_size,
+        loss=loss,
+        training=training,
+        memory_budget=memory_budget,
+        jit_compile=jit_compile,
+    )
+    if method == "materialize":
+        return SampleRows(model, data, **kwargs)
+    rows = GhostRows(model, data, **kwargs)
+    if method == "auto" and not rows.kernel.tapped:
+        logging.debug("tf_breakeven Gram of %s: materialized", model.name)
+        return SampleRows(model, data, **kwargs)
+    logging.debug(
+        "tf_breakeven Gram of %s: ghost, %d kernels tapped",
+        model.name,
+        len(rows.kernel.tapped),
+    )
+    return rows
+
+
 def _check_num_samples(n: int) -> int:
     """Raises unless there are the 2 samples a covariance needs."""
     if n < 2:
@@ -523,6 +897,7 @@ def gradient_trace_by_block(
     model: keras.Model,
     data: Any,
     *,
+    method: str = "auto",
     blocks: BlocksLike = "layer",
     microbatch_size: int = 1,
     loss: LossLike = None,
@@ -557,9 +932,10 @@ def gradient_trace_by_block(
             fewer than 2 samples, or M not dividing N.
     """
     indices = variable_blocks(model, blocks)
-    traces = SampleRows(
+    traces = sample_rows(
         model,
         data,
+        method=method,
         microbatch_size=microbatch_size,
         loss=loss,
         training=training,
@@ -580,6 +956,7 @@ def gradient_covariance_eigenpairs(
     data: Any,
     k: int = 5,
     *,
+    method: str = "auto",
     microbatch_size: int = 1,
     centered: bool = True,
     loss: LossLike = None,
@@ -610,9 +987,10 @@ def gradient_covariance_eigenpairs(
         a warning; zero or identical gradients give k' = 0. Fewer than 2
         samples is an `ArgumentError`.
     """
-    rows = SampleRows(
+    rows = sample_rows(
         model,
         data,
+        method=method,
         microbatch_size=microbatch_size,
         loss=loss,
         training=training,
@@ -640,6 +1018,7 @@ def gradient_statistics(
     model: keras.Model,
     data: Any,
     *,
+    method: str = "auto",
     microbatch_size: int = 1,
     k: int = 5,
     loss: LossLike = None,
@@ -667,6 +1046,7 @@ def gradient_statistics(
     gram = gradient_gram(
         model,
         data,
+        method=method,
         microbatch_size=microbatch_size,
         loss=loss,
         training=training,

@@ -1,0 +1,464 @@
+"""Gram matrices of sample gradients without sample gradients ("ghost").
+
+For a layer whose kernel W enters the loss only through z = op(x, W) with
+op linear in W and summing over positions (a matmul or einsum over a
+sequence, a convolution over patches, an embedding lookup), the gradient of
+sample i is a sum of outer products, g_i = sum_p a_ip (x) b_ip, of the
+op's inputs a_ip (for a convolution: patches) and the back-propagated
+gradients b_ip = dL_i/dz_ip. Its part of the Gram matrix is therefore
+
+    <g_i, g_j> = sum_{p, q} (a_ip . a_jq) (b_ip . b_jq),
+
+a product of input Grams and output-gradient Grams, and with one position
+(Dense on vectors) simply (a_i . a_j)(b_i . b_j). All of it comes from one
+vectorized forward and backward pass that stops at the z's: no per-sample
+gradient of W is formed. Each layer's part is computed by whichever is
+cheaper for its shapes (`layer_method`): this "ghost" product, with a cost
+of (n P)^2 (d_in + d_out) for n samples of P positions, or the layer's own
+per-sample gradients sum_p a_ip b_ip^T, formed one layer at a time
+(n P d_in d_out, memory n d_in d_out).
+
+How the inputs and output gradients are found: while the model runs
+(`Recorder`), the Keras TensorFlow backend's `matmul`, `einsum`, `conv`
+and `take` are wrapped; a call whose kernel operand is one of the model's
+trainable variables is computed with `stop_gradient(W)` and its input and
+output are recorded. A variable that reaches the loss any other way
+(weight tying, a custom layer, LoRA) is found when the function is traced:
+the data loss still has a gradient with respect to it, and the variable is
+then measured with the other variables. The other variables (biases,
+normalization scales, position embeddings, recurrent layers that run a
+`tf.while_loop`) keep their sample gradients, computed in the same
+vectorized pass; they are small.
+
+A weight regularizer's gradient r_W is the same for every sample; its
+cross terms <D_i, r_W> = sum_p a_ip^T r_W b_ip are added exactly.
+
+Every sample is run as its own batch by `gradients.map_samples`, exactly
+like the materialized engine, so dropout masks, BatchNormalization batch
+statistics (the coupling of a micro-batch lives in its b's) and sample
+weights are those of `gradients.SampleRows`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import tensorflow as tf
+from absl import logging
+from keras.src.backend.tensorflow import nn as _keras_tf_nn
+from keras.src.backend.tensorflow import numpy as _keras_tf_numpy
+
+GHOST = "ghost"
+MATERIALIZE = "materialize"
+
+
+@dataclasses.dataclass
+class Call:
+    """One recorded call of a tapped op on a trainable variable.
+
+    Attributes:
+        kind: "matmul", "einsum", "conv" or "take".
+        inputs: the op's input (for "take": the indices).
+        outputs: the op's output z (its gradient is b).
+        options: static arguments (einsum layout, conv geometry).
+    """
+
+    kind: str
+    inputs: tf.Tensor
+    outputs: tf.Tensor
+    options: dict
+
+
+class Untapped(Exception):
+    """Raised while tracing: variables that reach the loss untapped."""
+
+    def __init__(self, indices: Sequence[int]):
+        super().__init__(f"untapped variables {sorted(indices)}")
+        self.indices = set(indices)
+
+
+def _einsum_layout(subscripts: str, x_rank: int) -> dict | None:
+    """How `x, W -> z` of an einsum maps to positions and kernel axes.
+
+    None unless it is a dense projection: the first axis of x is the batch
+    (kept first in z), every other axis of x is either contracted with W or
+    a position kept in z, and W's other axes appear only in z.
+    """
+    if "..." in subscripts or "->" not in subscripts:
+        return None
+    inputs, out = subscripts.replace(" ", "").split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2:
+        return None
+    xs, ks = parts
+    if len(xs) != x_rank or any(
+        s.count(c) > 1 for s in (xs, ks, out) for c in s
+    ):
+        return None
+    if not xs or xs[0] in ks or not out or out[0] != xs[0]:
+        return None
+    k_in = [c for c in ks if c in xs]
+    k_out = [c for c in ks if c in out]
+    if set(k_in) & set(k_out) or set(k_in) & set(out):
+        return None
+    if len(k_in) + len(k_out) != len(ks):
+        return None
+    positions = [c for c in xs[1:] if c not in ks]
+    if sorted(positions) != sorted(c for c in out[1:] if c not in ks):
+        return None
+    grouped = [*k_in, *k_out]
+    return {
+        "x_order": [xs.index(c) for c in [xs[0], *positions, *k_in]],
+        "z_order": [out.index(c) for c in [out[0], *positions, *k_out]],
+        "k_in": len(k_in),
+        "k_out": len(k_out),
+        # kernel axes in (k_in, k_out) order, and back to the kernel's own
+        "grouped_axes": [ks.index(c) for c in grouped],
+        "kernel_axes": [grouped.index(c) for c in ks],
+    }
+
+
+def _conv_options(x, kernel, strides, padding, data_format, dilation):
+    rank = len(kernel.shape) - 2
+    if rank not in (1, 2) or str(padding).lower() not in ("valid", "same"):
+        return None
+    channels_first = data_format == "channels_first"
+    channels = x.shape[1] if channels_first else x.shape[-1]
+    if channels is None or channels != kernel.shape[-2]:
+        return None  # grouped or depthwise
+
+    def tup(v):
+        v = [v] * rank if isinstance(v, int) else list(v)
+        return v if len(v) == rank else None
+
+    strides, dilation = tup(strides), tup(dilation)
+    if strides is None or dilation is None:
+        return None
+    return {
+        "rank": rank,
+        "size": list(kernel.shape[:rank]),
+        "strides": strides,
+        "dilation": dilation,
+        "padding": str(padding).upper(),
+        "channels_first": channels_first,
+    }
+
+
+class Recorder:
+    """Taps the backend ops whose kernel operand is an allowed variable.
+
+    Args:
+        variables: the model's trainable variables (in order).
+        allowed: indices of the variables that may be tapped.
+        tape: the `tf.GradientTape` recording the forward pass; it watches
+            every tapped output (an output computed from the model's input
+            and a stopped kernel is otherwise not on the tape).
+    """
+
+    def __init__(
+        self,
+        variables: Sequence[Any],
+        allowed: set[int],
+        tape: tf.GradientTape | None = None,
+    ):
+        self.index = {id(v): i for i, v in enumerate(variables) if i in allowed}
+        self.tape = tape
+        self.calls: dict[int, list[Call]] = {}
+
+    def _variable(self, operand: Any) -> int | None:
+        return self.index.get(id(operand))
+
+    def _record(self, i, kind, x, kernel, compute, options):
+        stopped = tf.stop_gradient(tf.convert_to_tensor(kernel))
+        z = compute(stopped)
+        if self.tape is not None:
+            self.tape.watch(z)
+        self.calls.setdefault(i, []).append(Call(kind, x, z, options))
+        return z
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Recorder]:
+        """Installs the taps while the model is called."""
+        nn, np_ = _keras_tf_nn, _keras_tf_numpy
+        matmul, einsum, take, conv = np_.matmul, np_.einsum, np_.take, nn.conv
+
+        def tapped_matmul(x1, x2):
+            i = self._variable(x2)
+            x = tf.convert_to_tensor(x1) if i is not None else None
+            if i is None or len(x2.shape) != 2 or x.shape.rank < 2:
+                return matmul(x1, x2)
+            return self._record(
+                i, "matmul", x, x2, lambda w: matmul(x, w), {}
+            )
+
+        def tapped_einsum(subscripts, *operands, **kwargs):
+            i = self._variable(operands[-1]) if len(operands) == 2 else None
+            layout = None
+            if i is not None and not kwargs:
+                x = tf.convert_to_tensor(operands[0])
+                layout = _einsum_layout(subscripts, x.shape.rank)
+            if layout is None:
+                return einsum(subscripts, *operands, **kwargs)
+            return self._record(
+                i,
+                "einsum",
+                x,
+                operands[1],
+                lambda w: einsum(subscripts, x, w),
+                layout,
+            )
+
+        def tapped_take(x, indices, axis=None):
+            i = self._variable(x)
+            if i is None or axis != 0 or len(x.shape) != 2:
+                return take(x, indices, axis=axis)
+            ids = tf.convert_to_tensor(indices)
+            return self._record(
+                i, "take", ids, x, lambda w: take(w, ids, axis=0), {}
+            )
+
+        def tapped_conv(
+            inputs,
+            kernel,
+            strides=1,
+            padding="valid",
+            data_format=None,
+            dilation_rate=1,
+        ):
+            i = self._variable(kernel)
+            args = (strides, padding, data_format, dilation_rate)
+            x = tf.convert_to_tensor(inputs)
+            options = None
+            if i is not None:
+                options = _conv_options(x, kernel, *args)
+            if options is None:
+                return conv(inputs, kernel, *args)
+            return self._record(
+                i, "conv", x, kernel, lambda w: conv(x, w, *args), options
+            )
+
+        saved = [(np_, "matmul", matmul), (np_, "einsum", einsum)]
+        saved += [(np_, "take", take), (nn, "conv", conv)]
+        np_.matmul, np_.einsum, np_.take = tapped_matmul, tapped_einsum, tapped_take
+        nn.conv = tapped_conv
+        try:
+            yield self
+        finally:
+            for module, name, original in saved:
+                setattr(module, name, original)
+
+
+# Shaping the recorded tensors: every call becomes (a [n, P, d_in],
+# b [n, P, d_out]) with n samples and P = M x positions, except "take",
+# whose a is the indices [n, P].
+
+
+def _flat(t: tf.Tensor, n: int, width: int | None) -> tf.Tensor:
+    if width is None:
+        return tf.reshape(t, [n, -1])
+    return tf.reshape(t, [n, -1, width])
+
+
+def _patches(x: tf.Tensor, options: dict) -> tf.Tensor:
+    """Convolution patches [N, out positions..., k x C] of x [N, ..., C]."""
+    if options["channels_first"]:
+        x = tf.transpose(x, [0, *range(2, x.shape.rank), 1])
+    one_d = options["rank"] == 1
+    if one_d:
+        x = x[:, tf.newaxis]
+    size, strides, rates = (
+        ([1] if one_d else []) + list(options[key])
+        for key in ("size", "strides", "dilation")
+    )
+    return tf.image.extract_patches(
+        x,
+        sizes=[1, *size, 1],
+        strides=[1, *strides, 1],
+        rates=[1, *rates, 1],
+        padding=options["padding"],
+    )
+
+
+def shaped(call_inputs, call_grads, kind: str, options: dict, n: int):
+    """(a, b) of stacked call tensors [n, M, ...]: see the comment above."""
+    if kind == "take":
+        return _flat(call_inputs, n, None), _flat(call_grads, n, call_grads.shape[-1])
+    if kind == "einsum":
+        shift = lambda order: [0, 1] + [a + 1 for a in order[1:]]  # noqa: E731
+        a = tf.transpose(call_inputs, shift(options["x_order"]))
+        b = tf.transpose(call_grads, shift(options["z_order"]))
+        d_in = math.prod(a.shape[a.shape.rank - options["k_in"] :])
+        d_out = math.prod(b.shape[b.shape.rank - options["k_out"] :])
+        return _flat(a, n, d_in), _flat(b, n, d_out)
+    if kind == "conv":
+        merged = tf.reshape(call_inputs, [-1, *call_inputs.shape[2:]])
+        a = _patches(merged, options)
+        b = call_grads
+        if options["channels_first"]:
+            b = tf.transpose(b, [0, 1, *range(3, b.shape.rank), 2])
+        return _flat(a, n, a.shape[-1]), _flat(b, n, b.shape[-1])
+    return (
+        _flat(call_inputs, n, call_inputs.shape[-1]),
+        _flat(call_grads, n, call_grads.shape[-1]),
+    )
+
+
+# The per-layer parts of the Gram matrix, from (a, b) of every call of
+# the layer's kernel joined along positions.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A tapped kernel and the shapes that set its cost.
+
+    Attributes:
+        index: the variable's index in `model.trainable_variables`.
+        kind: the op ("matmul", "einsum", "conv" or "take").
+        options: the first call's static options (einsum layout, conv).
+        shape: the variable's shape.
+        n: samples; positions: P, positions per sample over all calls.
+        d_in, d_out: widths of a and b (for "take": vocabulary, width).
+    """
+
+    index: int
+    kind: str
+    options: dict
+    shape: tuple
+    n: int
+    positions: int
+    d_in: int
+    d_out: int
+
+    def costs(self) -> dict[str, tuple[float, float]]:
+        """`{method: (multiply-adds, bytes)}` of the two ways."""
+        n, p, d_in, d_out = self.n, self.positions, self.d_in, self.d_out
+        pairs = float(n * p) ** 2
+        ghost_width = d_out + (1 if self.kind == "take" else d_in)
+        rows = float(n) * d_in * d_out
+        materialize = n * p * (d_out if self.kind == "take" else d_in * d_out)
+        return {
+            GHOST: (pairs * ghost_width, 16 * pairs),
+            MATERIALIZE: (materialize + n * rows, 12 * rows),
+        }
+
+
+def layer_method(layer: Layer, memory_budget: float) -> str:
+    """The cheaper way that fits `memory_budget` (else the smaller one)."""
+    costs = layer.costs()
+    fitting = [m for m, (_, size) in costs.items() if size <= memory_budget]
+    if fitting:
+        method = min(fitting, key=lambda m: costs[m][0])
+    else:
+        method = min(costs, key=lambda m: costs[m][1])
+    logging.debug(
+        "tf_breakeven ghost Gram: variable %d (%s, n=%d, P=%d, %dx%d): %s",
+        layer.index,
+        layer.kind,
+        layer.n,
+        layer.positions,
+        layer.d_in,
+        layer.d_out,
+        method,
+    )
+    return method
+
+
+def _pair_sum(products: tf.Tensor, n: int, p: int) -> tf.Tensor:
+    """[nP, nP] -> [n, n], summing each sample pair's P x P block."""
+    blocks = tf.reshape(products, [n, p, n, p])
+    return tf.reduce_sum(blocks, axis=[1, 3])
+
+
+def _vocabulary_rows(ids, b, vocabulary: int) -> tf.Tensor:
+    """Per-sample embedding gradients [n, V * d] (float64), by segments."""
+    n = tf.shape(b)[0]
+    segments = tf.range(n)[:, tf.newaxis] * vocabulary + ids
+    rows = tf.math.unsorted_segment_sum(
+        tf.reshape(b, [-1, b.shape[-1]]),
+        tf.reshape(segments, [-1]),
+        n * vocabulary,
+    )
+    return tf.reshape(tf.cast(rows, tf.float64), [n, -1])
+
+
+def layer_gram(layer: Layer, a, b, method: str) -> tf.Tensor:
+    """<g_i, g_j> restricted to the layer's kernel, float64 [n, n]."""
+    n = layer.n
+    if layer.kind == "take":
+        ids = tf.cast(a, tf.int32)
+        if method == MATERIALIZE:
+            rows = _vocabulary_rows(ids, b, layer.d_in)
+            return tf.matmul(rows, rows, transpose_b=True)
+        flat_ids = tf.reshape(ids, [-1])
+        same = tf.cast(
+            tf.equal(flat_ids[:, tf.newaxis], flat_ids[tf.newaxis]),
+            tf.float64,
+        )
+        flat_b = tf.cast(tf.reshape(b, [-1, layer.d_out]), tf.float64)
+        products = same * tf.matmul(flat_b, flat_b, transpose_b=True)
+        return _pair_sum(products, n, layer.positions)
+    if method == MATERIALIZE:
+        rows = tf.einsum("ipk,ipo->iko", a, b)
+        rows = tf.reshape(tf.cast(rows, tf.float64), [n, -1])
+        return tf.matmul(rows, rows, transpose_b=True)
+    a64 = tf.cast(tf.reshape(a, [-1, layer.d_in]), tf.float64)
+    b64 = tf.cast(tf.reshape(b, [-1, layer.d_out]), tf.float64)
+    products = tf.matmul(a64, a64, transpose_b=True) * tf.matmul(
+        b64, b64, transpose_b=True
+    )
+    if layer.positions == 1:
+        return products
+    return _pair_sum(products, n, layer.positions)
+
+
+def _grouped(layer: Layer, tensor: tf.Tensor, leading: int) -> tf.Tensor:
+    """A kernel-shaped tensor (after `leading` axes) as [.., d_in, d_out]."""
+    if layer.kind == "einsum":
+        axes = [leading + a for a in layer.options["grouped_axes"]]
+        tensor = tf.transpose(tensor, [*range(leading), *axes])
+    head = tensor.shape[:leading].as_list()
+    return tf.reshape(tensor, [*head, layer.d_in, layer.d_out])
+
+
+def _kernel_shaped(layer: Layer, tensor: tf.Tensor) -> tf.Tensor:
+    """Inverse of `_grouped` for [k, d_in, d_out] -> [k, *shape]."""
+    if layer.kind != "einsum":
+        return tf.reshape(tensor, [-1, *layer.shape])
+    axes = layer.options["grouped_axes"]
+    grouped_shape = [layer.shape[a] for a in axes]
+    tensor = tf.reshape(tensor, [-1, *grouped_shape])
+    back = [1 + a for a in layer.options["kernel_axes"]]
+    return tf.transpose(tensor, [0, *back])
+
+
+def regularizer_terms(layer: Layer, a, b, r) -> tf.Tensor:
+    """<D_i, r> for every sample, float64 [n] (D_i: the data gradient)."""
+    if layer.kind == "take":
+        picked = tf.gather(tf.cast(r, b.dtype), tf.cast(a, tf.int32))
+        terms = tf.reduce_sum(tf.cast(picked * b, tf.float64), [1, 2])
+        return terms
+    r = tf.cast(_grouped(layer, r, 0), tf.float64)
+    projected = tf.einsum("ipk,ko->ipo", tf.cast(a, tf.float64), r)
+    return tf.reduce_sum(projected * tf.cast(b, tf.float64), [1, 2])
+
+
+def layer_combination(layer: Layer, a, b, coefficients) -> tf.Tensor:
+    """sum_i c_ji D_i for every row j of `coefficients` [k, n], float64
+    [k, *shape] (D_i: sample i's data gradient of the kernel)."""
+    c = tf.cast(coefficients, tf.float64)
+    b64 = tf.cast(b, tf.float64)
+    if layer.kind == "take":
+        weighted = tf.einsum("ji,ipd->ipjd", c, b64)
+        vocabulary, width = layer.shape
+        total = tf.math.unsorted_segment_sum(
+            tf.reshape(weighted, [-1, c.shape[0], width]),
+            tf.reshape(tf.cast(a, tf.int32), [-1]),
+            vocabulary,
+        )
+        return tf.transpose(total, [1, 0, 2])
+    total = tf.einsum("ji,ipk,ipo->jko", c, tf.cast(a, tf.float64), b64)
+    return _kernel_shaped(layer, total)
