@@ -415,6 +415,9 @@ def rolled_recurrent_variables(model: keras.Model) -> set[int]:
 class ModelFunction:
     """A Keras model and a loss as pure functions of parameter tensors.
 
+    This class is long because the losses with and without the
+    regularization (the ghost engine needs them apart) share one body.
+
     Attributes:
         loss: the loss as given (None: the model's compiled loss).
         training: whether the model runs in training mode.

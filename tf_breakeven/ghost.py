@@ -54,6 +54,7 @@ from keras.src.backend.tensorflow import numpy as _keras_tf_numpy
 
 GHOST = "ghost"
 MATERIALIZE = "materialize"
+SPARSE = "sparse"  # embeddings outside XLA: only pairs sharing a token
 
 
 @dataclasses.dataclass
@@ -182,7 +183,11 @@ class Recorder:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[Recorder]:
-        """Installs the taps while the model is called."""
+        """Installs the taps while the model is called.
+
+        This method is long because the four wrapped backend functions
+        must be installed and restored together.
+        """
         nn, np_ = _keras_tf_nn, _keras_tf_numpy
         matmul, einsum, take, conv = np_.matmul, np_.einsum, np_.take, nn.conv
 
@@ -191,9 +196,7 @@ class Recorder:
             x = tf.convert_to_tensor(x1) if i is not None else None
             if i is None or len(x2.shape) != 2 or x.shape.rank < 2:
                 return matmul(x1, x2)
-            return self._record(
-                i, "matmul", x, x2, lambda w: matmul(x, w), {}
-            )
+            return self._record(i, "matmul", x, x2, lambda w: matmul(x, w), {})
 
         def tapped_einsum(subscripts, *operands, **kwargs):
             i = self._variable(operands[-1]) if len(operands) == 2 else None
@@ -243,7 +246,11 @@ class Recorder:
 
         saved = [(np_, "matmul", matmul), (np_, "einsum", einsum)]
         saved += [(np_, "take", take), (nn, "conv", conv)]
-        np_.matmul, np_.einsum, np_.take = tapped_matmul, tapped_einsum, tapped_take
+        np_.matmul, np_.einsum, np_.take = (
+            tapped_matmul,
+            tapped_einsum,
+            tapped_take,
+        )
         nn.conv = tapped_conv
         try:
             yield self
@@ -286,7 +293,9 @@ def _patches(x: tf.Tensor, options: dict) -> tf.Tensor:
 def shaped(call_inputs, call_grads, kind: str, options: dict, n: int):
     """(a, b) of stacked call tensors [n, M, ...]: see the comment above."""
     if kind == "take":
-        return _flat(call_inputs, n, None), _flat(call_grads, n, call_grads.shape[-1])
+        return _flat(call_inputs, n, None), _flat(
+            call_grads, n, call_grads.shape[-1]
+        )
     if kind == "einsum":
         shift = lambda order: [0, 1] + [a + 1 for a in order[1:]]  # noqa: E731
         a = tf.transpose(call_inputs, shift(options["x_order"]))
@@ -346,11 +355,18 @@ class Layer:
         }
 
 
-def layer_method(layer: Layer, memory_budget: float) -> str:
-    """The cheaper way that fits `memory_budget` (else the smaller one)."""
+def layer_method(layer: Layer, memory_budget: float, jit: bool) -> str:
+    """The cheaper way that fits `memory_budget` (else the smaller one).
+
+    An embedding outside XLA always takes `SPARSE`: its cost is the
+    number of (sample, sample) pairs sharing a token, at most the ghost
+    product's, and it needs `tf.unique` (dynamic shapes, not in XLA).
+    """
     costs = layer.costs()
     fitting = [m for m, (_, size) in costs.items() if size <= memory_budget]
-    if fitting:
+    if layer.kind == "take" and not jit:
+        method = SPARSE
+    elif fitting:
         method = min(fitting, key=lambda m: costs[m][0])
     else:
         method = min(costs, key=lambda m: costs[m][1])
@@ -373,6 +389,19 @@ def _pair_sum(products: tf.Tensor, n: int, p: int) -> tf.Tensor:
     return tf.reduce_sum(blocks, axis=[1, 3])
 
 
+def _self_products(t: tf.Tensor, width: int) -> tf.Tensor:
+    """[nP, nP] inner products of the rows of t, float64.
+
+    The products run in t's own precision (float32 for a float32 model:
+    3x faster than float64 on CPU, and the rows are float32 to begin
+    with); every sum over positions and layers after them is float64.
+    """
+    flat = tf.reshape(t, [-1, width])
+    if flat.dtype.size < 4:
+        flat = tf.cast(flat, tf.float32)
+    return tf.cast(tf.matmul(flat, flat, transpose_b=True), tf.float64)
+
+
 def _vocabulary_rows(ids, b, vocabulary: int) -> tf.Tensor:
     """Per-sample embedding gradients [n, V * d] (float64), by segments."""
     n = tf.shape(b)[0]
@@ -385,11 +414,56 @@ def _vocabulary_rows(ids, b, vocabulary: int) -> tf.Tensor:
     return tf.reshape(tf.cast(rows, tf.float64), [n, -1])
 
 
-def layer_gram(layer: Layer, a, b, method: str) -> tf.Tensor:
+def _shared_token_gram(layer: Layer, ids, b, memory_budget) -> tf.Tensor:
+    """The embedding's Gram from the pairs of samples sharing a token.
+
+    Sample i's gradient has one row per distinct token v it contains,
+    E_iv = sum of its b's at v; G_ij = sum_v E_iv . E_jv runs over the
+    pairs (i, v), (j, v) only, in chunks of pairs that fit the budget.
+    """
+    n, (vocabulary, width) = layer.n, layer.shape
+    keys = (
+        tf.cast(ids, tf.int64)
+        + vocabulary * tf.range(n, dtype=tf.int64)[:, tf.newaxis]
+    )
+    unique, position = tf.unique(tf.reshape(keys, [-1]))
+    rows = tf.math.unsorted_segment_sum(
+        tf.reshape(b, [-1, width]), position, tf.size(unique)
+    )
+    order = tf.argsort(unique % vocabulary, stable=True)
+    token = tf.gather(unique % vocabulary, order)
+    sample = tf.gather(unique // vocabulary, order)
+    rows = tf.cast(tf.gather(rows, order), tf.float64)
+    pairs = tf.ragged.range(
+        tf.searchsorted(token, token, side="left"),
+        tf.searchsorted(token, token, side="right"),
+    )
+    first, second = pairs.value_rowids(), tf.cast(pairs.flat_values, tf.int64)
+    chunk = max(1, int(memory_budget) // (32 * width))
+
+    def add(start, gram):
+        f, s = first[start : start + chunk], second[start : start + chunk]
+        dots = tf.reduce_sum(tf.gather(rows, f) * tf.gather(rows, s), -1)
+        where = tf.stack([tf.gather(sample, f), tf.gather(sample, s)], 1)
+        return start + chunk, tf.tensor_scatter_nd_add(gram, where, dots)
+
+    _, gram = tf.while_loop(
+        lambda start, _: start < tf.size(second, tf.int64),
+        add,
+        (tf.constant(0, tf.int64), tf.zeros([n, n], tf.float64)),
+    )
+    return gram
+
+
+def layer_gram(
+    layer: Layer, a, b, method: str, memory_budget: float = 2**31
+) -> tf.Tensor:
     """<g_i, g_j> restricted to the layer's kernel, float64 [n, n]."""
     n = layer.n
     if layer.kind == "take":
         ids = tf.cast(a, tf.int32)
+        if method == SPARSE:
+            return _shared_token_gram(layer, ids, b, memory_budget)
         if method == MATERIALIZE:
             rows = _vocabulary_rows(ids, b, layer.d_in)
             return tf.matmul(rows, rows, transpose_b=True)
@@ -398,18 +472,13 @@ def layer_gram(layer: Layer, a, b, method: str) -> tf.Tensor:
             tf.equal(flat_ids[:, tf.newaxis], flat_ids[tf.newaxis]),
             tf.float64,
         )
-        flat_b = tf.cast(tf.reshape(b, [-1, layer.d_out]), tf.float64)
-        products = same * tf.matmul(flat_b, flat_b, transpose_b=True)
+        products = same * _self_products(b, layer.d_out)
         return _pair_sum(products, n, layer.positions)
     if method == MATERIALIZE:
         rows = tf.einsum("ipk,ipo->iko", a, b)
         rows = tf.reshape(tf.cast(rows, tf.float64), [n, -1])
         return tf.matmul(rows, rows, transpose_b=True)
-    a64 = tf.cast(tf.reshape(a, [-1, layer.d_in]), tf.float64)
-    b64 = tf.cast(tf.reshape(b, [-1, layer.d_out]), tf.float64)
-    products = tf.matmul(a64, a64, transpose_b=True) * tf.matmul(
-        b64, b64, transpose_b=True
-    )
+    products = _self_products(a, layer.d_in) * _self_products(b, layer.d_out)
     if layer.positions == 1:
         return products
     return _pair_sum(products, n, layer.positions)

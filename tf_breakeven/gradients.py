@@ -222,6 +222,9 @@ def gradient_kernel(
 class GhostKernel:
     """`tf.function`s of the ghost Gram engine for one model configuration.
 
+    This class is long because discovery, the vectorized pass and the
+    assembly all read the same tapped layout.
+
     Shared per model configuration (`ghost_kernel`). `discover` traces
     one sample once to find which kernels are tapped (`tf_breakeven.ghost`);
     the vectorized pass `signals` then returns, stacked over samples, the
@@ -248,6 +251,7 @@ class GhostKernel:
         self.others: list[int] = []
         self.regularized: list[int] = []
         self._signatures: dict = {}
+        self.jit = bool(jit)
         self.signals = tf.function(self.stacked_signals, jit_compile=jit)
         self.parts = tf.function(self.variable_grams, jit_compile=jit)
         self.regularization = tf.function(
@@ -292,7 +296,9 @@ class GhostKernel:
         )
         del tape
         inputs = tuple(c.inputs for c in calls)
-        other = tuple(dense(g, params[i]) for g, i in zip(grads[len(calls) :], others))
+        other = tuple(
+            dense(g, params[i]) for g, i in zip(grads[len(calls) :], others)
+        )
         return inputs, tuple(grads[: len(calls)]), other
 
     def discover(self, samples: Batch) -> None:
@@ -303,13 +309,17 @@ class GhostKernel:
         key = _spec_key(first)
         if key in self._signatures:
             return
+        _check_fits(self, samples)
         fn = self.function
         while True:
             found: dict = {}
 
             def trace(*sample):
                 return self.sample_signals(
-                    fn.read_parameters(), fn.read_state(), Batch(*sample), found
+                    fn.read_parameters(),
+                    fn.read_state(),
+                    Batch(*sample),
+                    found,  # noqa: B023
                 )
 
             concrete = tf.function(trace, autograph=False)
@@ -391,8 +401,8 @@ class GhostKernel:
         grams = [None] * len(self.function.shapes)
         regs = dict(zip(self.regularized, regularization))
         for layer, a, b in self.layers(inputs, grads):
-            method = ghost.layer_method(layer, memory_budget)
-            gram = ghost.layer_gram(layer, a, b, method)
+            method = ghost.layer_method(layer, memory_budget, self.jit)
+            gram = ghost.layer_gram(layer, a, b, method, memory_budget)
             if layer.index in regs:
                 r = regs[layer.index]
                 terms = ghost.regularizer_terms(layer, a, b, r)
@@ -430,9 +440,7 @@ def ghost_kernel(
     """The shared `GhostKernel` of a model configuration."""
     function = ModelFunction(model, loss, training=training)
     key = ("ghost", loss_key(loss), bool(training), bool(jit_compile))
-    return cached_kernel(
-        model, key, lambda: GhostKernel(function, jit_compile)
-    )
+    return cached_kernel(model, key, lambda: GhostKernel(function, jit_compile))
 
 
 def prepare_samples(
@@ -553,7 +561,7 @@ def gradient_gram(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "auto",
+    method: str = "materialize",
     microbatch_size: int = 1,
     loss: LossLike = None,
     training: bool = True,
@@ -565,6 +573,11 @@ def gradient_gram(
     Args:
         model, data, loss, training, jit_compile: see
             `per_example_gradients`.
+        method: the engine. "materialize" (the default for now) forms every
+            sample gradient; "ghost" builds the Gram from layer inputs and
+            output gradients without them (`tf_breakeven.ghost`; tested
+            exact against "materialize", not yet under a multi-replica
+            strategy or XLA); "auto" takes "ghost" when it taps a kernel.
         microbatch_size: M, examples per sample (must divide N).
         memory_budget: bytes for the sample-gradient rows held at once
             (12 bytes per parameter and sample). If all n rows fit they are
@@ -768,9 +781,8 @@ class GhostRows(ProbeOperator):
             self.kernel.function, data, None, jit_compile=jit_compile
         )
         self.samples = split_samples(self.batches, self.microbatch_size)
-        _check_fits(self.kernel, self.samples)
         self.n = tf.nest.flatten(self.samples.x)[0].shape[0]
-        self.kernel.discover(self.samples)
+        self.kernel.discover(self.samples)  # checks the samples fit
         self.memory_budget = int(memory_budget)
         self._signals = None
         self._parts = None
@@ -835,7 +847,7 @@ def sample_rows(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "auto",
+    method: str = "materialize",
     microbatch_size: int = 1,
     loss: LossLike = None,
     training: bool = True,
@@ -897,7 +909,7 @@ def gradient_trace_by_block(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "auto",
+    method: str = "materialize",
     blocks: BlocksLike = "layer",
     microbatch_size: int = 1,
     loss: LossLike = None,
@@ -956,7 +968,7 @@ def gradient_covariance_eigenpairs(
     data: Any,
     k: int = 5,
     *,
-    method: str = "auto",
+    method: str = "materialize",
     microbatch_size: int = 1,
     centered: bool = True,
     loss: LossLike = None,
@@ -965,6 +977,9 @@ def gradient_covariance_eigenpairs(
     jit_compile: bool = False,
 ) -> tuple[np.ndarray, list[list[tf.Tensor]]]:
     """Top-k eigenpairs of the gradient covariance K, in parameter space.
+
+    This function is long because its contract (NaN and rank cases) is
+    documented in full.
 
     The eigenvectors are combinations of the sample gradients
     (`statistics.top_directions` on the Gram matrix), assembled without
@@ -1018,7 +1033,7 @@ def gradient_statistics(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "auto",
+    method: str = "materialize",
     microbatch_size: int = 1,
     k: int = 5,
     loss: LossLike = None,
