@@ -77,10 +77,13 @@ def sum_over_batches(
 
 def concat_over_replicas(
     strategy: tf.distribute.Strategy | None,
-    fn: Callable[..., tf.Tensor],
+    fn: Callable[..., Any],
     inputs: Sequence[Any],
-) -> tf.Tensor:
+) -> Any:
     """`fn(*inputs)` with every input split along axis 0 over replicas.
+
+    `fn` may return a tensor or a nested structure of tensors; each is
+    concatenated along axis 0 in replica order.
 
     Shares differ by at most one row when the leading size does not divide
     evenly (e.g. 5 samples on 2 replicas: 3 and 2; `strategy.gather` takes
@@ -102,4 +105,6 @@ def concat_over_replicas(
         )
 
     out = _run(strategy, fn, (), [cut(r) for r in range(replicas)])
-    return strategy.gather(out, axis=0)
+    # `strategy.gather` of a nested structure returns the first replica's
+    # share only: gather every output on its own.
+    return tf.nest.map_structure(lambda t: strategy.gather(t, axis=0), out)
