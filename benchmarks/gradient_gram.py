@@ -3,10 +3,14 @@
 For each model (see `benchmarks/common.py`) and micro-batch size M, on one
 random batch of N examples (n = N / M samples), times:
 
-* `Gram`: `tfb.gradient_gram(model, (x, y), microbatch_size=M)`, the
-  vectorized path (public API, numpy result), and `vectorized`: the
-  library's stacked sample gradients alone (its internal `tf.function`,
-  float32, no Gram matrix);
+* `Gram`: `tfb.gradient_gram(model, (x, y), microbatch_size=M,
+  method="materialize")`, the vectorized sample gradients and their float64
+  product (public API, numpy result), and `vectorized`: the library's
+  stacked sample gradients alone (its internal `tf.function`, float32, no
+  Gram matrix);
+* `ghost`: the same call with `method="ghost"` (the Gram from layer inputs
+  and output gradients, no sample gradient of a tapped kernel formed), and
+  `auto`: what `method="auto"` (the default) chose;
 * `loop`: a `tf.function` computing one sample's gradient (traced once),
   called in a Python loop over the n samples; `loop+Gram` also flattens
   each to float64, stacks them and forms the Gram matrix as the library does;
@@ -58,7 +62,7 @@ _MEMORY = flags.DEFINE_bool("memory", True, "Also measure peak memory.")
 _TIMEOUT = flags.DEFINE_float("timeout", 1800, "Seconds allowed per run.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: model,M,what.")
 
-_MEMORY_METHODS = ("grad", "gram", "loop")
+_MEMORY_METHODS = ("grad", "gram", "ghost", "loop")
 
 
 def _calls(model, x, y, m, training) -> dict:
@@ -91,15 +95,20 @@ def _calls(model, x, y, m, training) -> dict:
         rows = tf.stack([flat_gradient(*piece) for piece in pieces])
         return tf.matmul(rows, rows, transpose_b=True).numpy()
 
-    return {
-        "grad": lambda: gradient(x, y),
-        "gram": lambda: tfb.gradient_gram(
+    def gram(method):
+        return lambda: tfb.gradient_gram(
             model,
             (x, y),
+            method=method,
             microbatch_size=m,
             training=training,
             memory_budget=_BUDGET_MB.value << 20,
-        ),
+        )
+
+    return {
+        "grad": lambda: gradient(x, y),
+        "gram": gram("materialize"),
+        "ghost": gram("ghost"),
         "rows": lambda: kernel.sample_gradients(*samples),
         "loop": loop_gram,
         "looprows": lambda: [gradient(*piece) for piece in pieces][-1],
@@ -112,6 +121,7 @@ def _worker(spec: str) -> dict:
     import tensorflow as tf
 
     import tf_breakeven as tfb
+    from tf_breakeven import gradients
     from tf_breakeven.functional import has_batch_norm
     from tf_breakeven.gradients import chunk_size
 
@@ -128,6 +138,10 @@ def _worker(spec: str) -> dict:
     chunks = -(-n // chunk_size(n, dim, _BUDGET_MB.value << 20))
     result = {"training": training, "n": n, "params": dim, "chunks": chunks}
     result["base_mb"] = common.peak_rss_mb()
+    two = tf.nest.map_structure(lambda t: t[:2], (x, y))
+    result["auto"] = gradients.sample_rows(
+        model, two, method="auto", microbatch_size=1, training=False
+    ).method
     calls = _calls(model, x, y, m, training)
     if what != "time":  # memory of one method alone
         try:
@@ -155,7 +169,9 @@ def _worker(spec: str) -> dict:
     for key, values in times.items():
         result[f"{key}_s"] = common.median(values)
         result[f"{key}_all_s"] = values
-    for a, b in ("rows", "grad"), ("looprows", "rows"), ("gram", "grad"):
+    pairs = [("rows", "grad"), ("looprows", "rows"), ("gram", "grad")]
+    pairs += [("ghost", "grad"), ("ghost", "gram")]
+    for a, b in pairs:
         if a in times and b in times:
             ratios = [s / t for s, t in zip(times[a], times[b])]
             result[f"{a}/{b}"] = common.median(ratios)
@@ -164,6 +180,10 @@ def _worker(spec: str) -> dict:
         result["loop/gram"] = common.median(ratios)
         gram, loop = outputs["gram"], outputs["loop"]
         result["diff"] = float(np.abs(gram - loop).max() / np.abs(loop).max())
+    if "ghost" in outputs and "gram" in outputs:
+        ghost, gram = outputs["ghost"], outputs["gram"]
+        scale = np.abs(gram).max()
+        result["ghost_diff"] = float(np.abs(ghost - gram).max() / scale)
     return result
 
 
@@ -175,13 +195,18 @@ _GRAM_HEADERS = (
     "model|M|Gram ms|loop+Gram ms|loop/Gram|Gram/grad|matmul ms|Gram 1st s|"
     "loop 1st s|chunks|Gram vs loop"
 ).split("|")
+_GHOST_HEADERS = (
+    "model|M|auto|ghost ms|Gram ms|grad ms|ghost/grad|ghost/Gram|ghost 1st s|"
+    "ghost vs Gram"
+).split("|")
 _MEMORY_HEADERS = (
-    "model|M|base|grad peak|Gram peak|loop+Gram peak|grad +|Gram +|loop+Gram +"
+    "model|M|base|grad peak|Gram peak|ghost peak|loop+Gram peak|grad +|"
+    "Gram +|ghost +|loop+Gram +"
 ).split("|")
 
 
 def _table_rows(name: str, m: str, r: dict, memory: dict) -> list:
-    """The rows of the three tables for one (model, M)."""
+    """The rows of the four tables for one (model, M)."""
     nan = float("nan")
 
     def ms(key):
@@ -194,10 +219,13 @@ def _table_rows(name: str, m: str, r: dict, memory: dict) -> list:
     gram += [r.get("gram/grad", nan), ms("matmul")]
     gram += [r.get("gram_first_s", nan), r.get("loop_first_s", nan)]
     gram += [r.get("chunks", "?"), r.get("diff", nan)]
+    ghost = [name, m, r.get("auto", "?"), ms("ghost"), ms("gram"), ms("grad")]
+    ghost += [r.get("ghost/grad", nan), r.get("ghost/gram", nan)]
+    ghost += [r.get("ghost_first_s", nan), r.get("ghost_diff", nan)]
     peaks = [memory.get(k, {}).get("peak_mb", nan) for k in _MEMORY_METHODS]
     bases = [memory.get(k, {}).get("base_mb", nan) for k in _MEMORY_METHODS]
     usage = [name, m, bases[0], *peaks, *(p - b for p, b in zip(peaks, bases))]
-    return [samples, gram, usage]
+    return [samples, gram, ghost, usage]
 
 
 def main(argv: list[str]) -> None:
@@ -206,7 +234,7 @@ def main(argv: list[str]) -> None:
         common.print_result(_worker(_WORKER.value))
         return
     load = common.load_line()
-    tables, errors = [[], [], []], []
+    tables, errors = [[], [], [], []], []
     for name in _MODELS.value:
         for m in _MICROBATCH_SIZES.value:
             runs = {}
@@ -237,9 +265,11 @@ def main(argv: list[str]) -> None:
     print(common.markdown_table(_SAMPLE_HEADERS, tables[0]))
     print("\nGram matrix (float64):\n")
     print(common.markdown_table(_GRAM_HEADERS, tables[1]))
+    print("\nGhost engine against the materialized Gram and a gradient:\n")
+    print(common.markdown_table(_GHOST_HEADERS, tables[2]))
     if _MEMORY.value:
         print("\nPeak RSS (MiB): base after build; peak; peak - base\n")
-        print(common.markdown_table(_MEMORY_HEADERS, tables[2]))
+        print(common.markdown_table(_MEMORY_HEADERS, tables[3]))
     for error in errors:
         print(f"\n* {error}")
     print(f"\nAt the start: {load}; at the end: {common.load_line()}")

@@ -206,14 +206,21 @@ def test_probes_leave_the_model_bitwise_unchanged():
     )
 
 
-def test_gram_traces_once_per_chunk_shape():
+@pytest.mark.parametrize("method", ["materialize", "ghost"])
+def test_gram_traces_once_per_chunk_shape(method):
     model = build("mlp")
     x, y = data_for("mlp", n=8)
     x = x.astype("float32")
     for _ in range(3):
-        tfb.gradient_gram(model, (x, y))
-    kernel = tfb.gradients.gradient_kernel(model)
-    assert kernel.flat_sample_gradients.experimental_get_tracing_count() == 1
+        tfb.gradient_gram(model, (x, y), method=method)
+    if method == "materialize":
+        kernel = tfb.gradients.gradient_kernel(model)
+        functions = [kernel.flat_sample_gradients]
+    else:
+        kernel = tfb.gradients.ghost_kernel(model)
+        functions = [kernel.signals, kernel.parts]
+    for function in functions:
+        assert function.experimental_get_tracing_count() == 1
 
 
 def test_jit_compiled_gram_matches_eager():
@@ -230,7 +237,7 @@ def test_jit_compiled_gram_matches_eager():
     [
         ({"microbatch_size": 0}, "microbatch_size"),
         ({"microbatch_size": 3}, "does not divide"),
-        ({"memory_budget": 10}, "memory_budget"),
+        ({"memory_budget": 10, "method": "materialize"}, "memory_budget"),
     ],
     ids=["zero_microbatch", "not_dividing", "tiny_budget"],
 )

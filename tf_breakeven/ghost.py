@@ -55,6 +55,9 @@ from keras.src.backend.tensorflow import numpy as _keras_tf_numpy
 GHOST = "ghost"
 MATERIALIZE = "materialize"
 SPARSE = "sparse"  # embeddings outside XLA: only pairs sharing a token
+# The sample count the per-layer choice assumes when it is unknown while
+# tracing (a train step's batch of unknown size).
+ASSUMED_SAMPLES = 128
 
 
 @dataclasses.dataclass
@@ -261,13 +264,19 @@ class Recorder:
 
 # Shaping the recorded tensors: every call becomes (a [n, P, d_in],
 # b [n, P, d_out]) with n samples and P = M x positions, except "take",
-# whose a is the indices [n, P].
+# whose a is the indices [n, P]. n may be unknown while tracing (a train
+# step's batch); P and the widths are always static.
 
 
-def _flat(t: tf.Tensor, n: int, width: int | None) -> tf.Tensor:
+def _flat(t: tf.Tensor, positions: int, width: int | None) -> tf.Tensor:
     if width is None:
-        return tf.reshape(t, [n, -1])
-    return tf.reshape(t, [n, -1, width])
+        return tf.reshape(t, [-1, positions])
+    return tf.reshape(t, [-1, positions, width])
+
+
+def _positions(t: tf.Tensor, trailing: int) -> int:
+    """Static positions per sample of t [n, M, ..., (trailing axes)]."""
+    return math.prod(t.shape[1 : t.shape.rank - trailing])
 
 
 def _patches(x: tf.Tensor, options: dict) -> tf.Tensor:
@@ -290,29 +299,40 @@ def _patches(x: tf.Tensor, options: dict) -> tf.Tensor:
     )
 
 
-def shaped(call_inputs, call_grads, kind: str, options: dict, n: int):
+def _einsum_order(order: list[int]) -> list[int]:
+    """An einsum layout's axis order for tensors with a leading sample
+    axis: [n, M, ...] keeps n and M first."""
+    return [0, 1] + [axis + 1 for axis in order[1:]]
+
+
+def shaped(call_inputs, call_grads, kind: str, options: dict):
     """(a, b) of stacked call tensors [n, M, ...]: see the comment above."""
     if kind == "take":
-        return _flat(call_inputs, n, None), _flat(
-            call_grads, n, call_grads.shape[-1]
+        positions = _positions(call_inputs, 0)
+        width = call_grads.shape[-1]
+        return (
+            _flat(call_inputs, positions, None),
+            _flat(call_grads, positions, width),
         )
     if kind == "einsum":
-        shift = lambda order: [0, 1] + [a + 1 for a in order[1:]]  # noqa: E731
-        a = tf.transpose(call_inputs, shift(options["x_order"]))
-        b = tf.transpose(call_grads, shift(options["z_order"]))
+        a = tf.transpose(call_inputs, _einsum_order(options["x_order"]))
+        b = tf.transpose(call_grads, _einsum_order(options["z_order"]))
         d_in = math.prod(a.shape[a.shape.rank - options["k_in"] :])
         d_out = math.prod(b.shape[b.shape.rank - options["k_out"] :])
-        return _flat(a, n, d_in), _flat(b, n, d_out)
+        positions = _positions(a, options["k_in"])
+        return _flat(a, positions, d_in), _flat(b, positions, d_out)
     if kind == "conv":
         merged = tf.reshape(call_inputs, [-1, *call_inputs.shape[2:]])
         a = _patches(merged, options)
         b = call_grads
         if options["channels_first"]:
             b = tf.transpose(b, [0, 1, *range(3, b.shape.rank), 2])
-        return _flat(a, n, a.shape[-1]), _flat(b, n, b.shape[-1])
+        positions = _positions(b, 1)
+        return _flat(a, positions, a.shape[-1]), _flat(b, positions, b.shape[-1])
+    positions = _positions(call_inputs, 1)
     return (
-        _flat(call_inputs, n, call_inputs.shape[-1]),
-        _flat(call_grads, n, call_grads.shape[-1]),
+        _flat(call_inputs, positions, call_inputs.shape[-1]),
+        _flat(call_grads, positions, call_grads.shape[-1]),
     )
 
 
@@ -329,7 +349,9 @@ class Layer:
         kind: the op ("matmul", "einsum", "conv" or "take").
         options: the first call's static options (einsum layout, conv).
         shape: the variable's shape.
-        n: samples; positions: P, positions per sample over all calls.
+        n: samples (None when unknown while tracing: a train step's
+            batch; the costs then assume `ASSUMED_SAMPLES`); positions: P,
+            positions per sample over all calls.
         d_in, d_out: widths of a and b (for "take": vocabulary, width).
     """
 
@@ -337,14 +359,15 @@ class Layer:
     kind: str
     options: dict
     shape: tuple
-    n: int
+    n: int | None
     positions: int
     d_in: int
     d_out: int
 
     def costs(self) -> dict[str, tuple[float, float]]:
         """`{method: (multiply-adds, bytes)}` of the two ways."""
-        n, p, d_in, d_out = self.n, self.positions, self.d_in, self.d_out
+        n = self.n or ASSUMED_SAMPLES
+        p, d_in, d_out = self.positions, self.d_in, self.d_out
         pairs = float(n * p) ** 2
         ghost_width = d_out + (1 if self.kind == "take" else d_in)
         rows = float(n) * d_in * d_out
@@ -371,7 +394,7 @@ def layer_method(layer: Layer, memory_budget: float, jit: bool) -> str:
     else:
         method = min(costs, key=lambda m: costs[m][1])
     logging.debug(
-        "tf_breakeven ghost Gram: variable %d (%s, n=%d, P=%d, %dx%d): %s",
+        "tf_breakeven ghost Gram: variable %d (%s, n=%s, P=%d, %dx%d): %s",
         layer.index,
         layer.kind,
         layer.n,
@@ -383,8 +406,9 @@ def layer_method(layer: Layer, memory_budget: float, jit: bool) -> str:
     return method
 
 
-def _pair_sum(products: tf.Tensor, n: int, p: int) -> tf.Tensor:
+def _pair_sum(products: tf.Tensor, p: int) -> tf.Tensor:
     """[nP, nP] -> [n, n], summing each sample pair's P x P block."""
+    n = tf.shape(products)[0] // p
     blocks = tf.reshape(products, [n, p, n, p])
     return tf.reduce_sum(blocks, axis=[1, 3])
 
@@ -421,10 +445,10 @@ def _shared_token_gram(layer: Layer, ids, b, memory_budget) -> tf.Tensor:
     E_iv = sum of its b's at v; G_ij = sum_v E_iv . E_jv runs over the
     pairs (i, v), (j, v) only, in chunks of pairs that fit the budget.
     """
-    n, (vocabulary, width) = layer.n, layer.shape
+    n, (vocabulary, width) = tf.shape(b)[0], layer.shape
     keys = (
         tf.cast(ids, tf.int64)
-        + vocabulary * tf.range(n, dtype=tf.int64)[:, tf.newaxis]
+        + vocabulary * tf.range(tf.cast(n, tf.int64))[:, tf.newaxis]
     )
     unique, position = tf.unique(tf.reshape(keys, [-1]))
     rows = tf.math.unsorted_segment_sum(
@@ -459,7 +483,6 @@ def layer_gram(
     layer: Layer, a, b, method: str, memory_budget: float = 2**31
 ) -> tf.Tensor:
     """<g_i, g_j> restricted to the layer's kernel, float64 [n, n]."""
-    n = layer.n
     if layer.kind == "take":
         ids = tf.cast(a, tf.int32)
         if method == SPARSE:
@@ -473,15 +496,15 @@ def layer_gram(
             tf.float64,
         )
         products = same * _self_products(b, layer.d_out)
-        return _pair_sum(products, n, layer.positions)
+        return _pair_sum(products, layer.positions)
     if method == MATERIALIZE:
         rows = tf.einsum("ipk,ipo->iko", a, b)
-        rows = tf.reshape(tf.cast(rows, tf.float64), [n, -1])
+        rows = tf.reshape(tf.cast(rows, tf.float64), [tf.shape(a)[0], -1])
         return tf.matmul(rows, rows, transpose_b=True)
     products = _self_products(a, layer.d_in) * _self_products(b, layer.d_out)
     if layer.positions == 1:
         return products
-    return _pair_sum(products, n, layer.positions)
+    return _pair_sum(products, layer.positions)
 
 
 def _grouped(layer: Layer, tensor: tf.Tensor, leading: int) -> tf.Tensor:

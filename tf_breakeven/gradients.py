@@ -251,6 +251,7 @@ class GhostKernel:
         self.others: list[int] = []
         self.regularized: list[int] = []
         self._signatures: dict = {}
+        self._methods: dict = {}
         self.jit = bool(jit)
         self.signals = tf.function(self.stacked_signals, jit_compile=jit)
         self.parts = tf.function(self.variable_grams, jit_compile=jit)
@@ -334,6 +335,38 @@ class GhostKernel:
             concrete.structured_outputs,
         )
 
+    def signature(self, samples: Batch) -> Any:
+        """One sample's signal specs (`sample_signals`), discovered once
+        per sample shape."""
+        self.discover(samples)
+        return self._signatures[_spec_key(_first_sample(samples))]
+
+    def layer_methods(self, samples: Batch, memory_budget: int) -> dict:
+        """`{variable index: ghost.layer_method}` of every tapped kernel
+        for these samples [n, M, ...], from the traced shapes (nothing
+        runs; cached per shape and budget)."""
+        spec = self.signature(samples)
+        n = tf.nest.flatten(samples.x)[0].shape[0]
+        key = (_spec_key(_first_sample(samples)), n, int(memory_budget))
+        if key not in self._methods:
+            chosen = {}
+
+            def trace(inputs, grads):
+                for layer, _, _ in self.layers(inputs, grads):
+                    chosen[layer.index] = ghost.layer_method(
+                        layer, memory_budget, self.jit
+                    )
+                return tf.constant(0)
+
+            stacked = tf.nest.map_structure(
+                lambda s: tf.TensorSpec([n, *s.shape], s.dtype), spec[:2]
+            )
+            tf.function(trace, autograph=False).get_concrete_function(
+                *stacked
+            )
+            self._methods[key] = chosen
+        return self._methods[key]
+
     def stacked_signals(self, x, y, sample_weight):
         """`sample_signals` of every sample, stacked; inputs [n, M, ...]."""
         fn = self.function
@@ -376,10 +409,9 @@ class GhostKernel:
         for index, calls in self.tapped.items():
             parts = []
             for kind, options in calls:
-                n = inputs[position].shape[0]
                 parts.append(
                     ghost.shaped(
-                        inputs[position], grads[position], kind, options, n
+                        inputs[position], grads[position], kind, options
                     )
                 )
                 position += 1
@@ -389,7 +421,14 @@ class GhostKernel:
             shape = tuple(shapes[index].as_list())
             d_in = shape[0] if kind == "take" else a.shape[-1]
             layer = ghost.Layer(
-                index, kind, options, shape, n, a.shape[1], d_in, b.shape[-1]
+                index,
+                kind,
+                options,
+                shape,
+                a.shape[0],
+                a.shape[1],
+                d_in,
+                b.shape[-1],
             )
             out.append((layer, a, b))
         return out
@@ -536,11 +575,14 @@ def per_example_gradients(
     return kernel.sample_gradients(*samples)
 
 
-def chunk_size(n: int, dim: int, memory_budget: int) -> int:
+def chunk_size(
+    n: int, dim: int, memory_budget: int, *, check: bool = True
+) -> int:
     """Samples per chunk of rows for `memory_budget` bytes.
 
     All n when every row fits (each gradient computed once); otherwise the
     size of which two chunks fit at once (blocks a and b of the Gram).
+    With `check=False`, 0 instead of an error when no row fits.
     """
     # A sample's row: float32 gradient + its float64 copy.
     per_sample = dim * (4 + 8)
@@ -548,7 +590,7 @@ def chunk_size(n: int, dim: int, memory_budget: int) -> int:
         return n  # one chunk: every gradient computed once
     # Otherwise two chunks are held at once (block a, block b).
     size = int(memory_budget // (2 * per_sample))
-    if size < 1:
+    if size < 1 and check:
         raise ArgumentError(
             f"One sample gradient needs {2 * per_sample} bytes ({dim} "
             f"parameters, two chunks) but `memory_budget={memory_budget}`; "
@@ -561,7 +603,7 @@ def gradient_gram(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "materialize",
+    method: str = "auto",
     microbatch_size: int = 1,
     loss: LossLike = None,
     training: bool = True,
@@ -573,18 +615,25 @@ def gradient_gram(
     Args:
         model, data, loss, training, jit_compile: see
             `per_example_gradients`.
-        method: the engine. "materialize" (the default for now) forms every
-            sample gradient; "ghost" builds the Gram from layer inputs and
-            output gradients without them (`tf_breakeven.ghost`; tested
-            exact against "materialize", not yet under a multi-replica
-            strategy or XLA); "auto" takes "ghost" when it taps a kernel.
+        method: the engine. "materialize" forms every sample gradient as
+            a float64 row; "ghost" builds the Gram from the inputs and
+            output gradients of the model's Dense, EinsumDense, Conv1D/2D
+            and Embedding kernels without forming their sample gradients
+            (`tf_breakeven.ghost`; the other variables keep theirs), with
+            memory O(n^2 + activations) instead of O(n P). "auto" (the
+            default) takes "ghost" when some tapped kernel is cheaper that
+            way (a ghost or shared-token product) or when the rows would
+            not fit `memory_budget` in one chunk, else "materialize"; the
+            choice is logged at debug level. Both are exact (tested equal
+            to 1e-5 relative), under a strategy and with XLA.
         microbatch_size: M, examples per sample (must divide N).
         memory_budget: bytes for the sample-gradient rows held at once
             (12 bytes per parameter and sample). If all n rows fit they are
             computed once; otherwise chunk pairs are recomputed block by
             block. It does not bound the activations of the vectorized
             forward/backward pass, which grow like those of one batch of a
-            chunk's examples.
+            chunk's examples. The ghost engine reads it as the bound of
+            each layer's part (`ghost.layer_method`).
 
     Returns:
         A symmetric [n, n] numpy float64 array, n = N / M.
@@ -613,6 +662,8 @@ class SampleRows(ProbeOperator):
         model, data, microbatch_size, loss, training, memory_budget,
             jit_compile: see `gradient_gram`.
     """
+
+    method = "materialize"
 
     def __init__(
         self,
@@ -759,6 +810,8 @@ class GhostRows(ProbeOperator):
         kernel: the model's `GhostKernel`, already discovered.
     """
 
+    method = "ghost"
+
     def __init__(
         self,
         model: keras.Model,
@@ -786,6 +839,24 @@ class GhostRows(ProbeOperator):
         self.memory_budget = int(memory_budget)
         self._signals = None
         self._parts = None
+
+    def saves(self, memory_budget: int) -> bool:
+        """Whether this engine is cheaper than materialized rows.
+
+        True when some tapped kernel takes a ghost or sparse product, or
+        when the materialized rows would not fit `memory_budget` in one
+        chunk (they would then be recomputed chunk by chunk). When every
+        tapped kernel would form its own sample gradients anyway
+        (convolutions over many positions) the two engines do the same
+        work, and the materialized one, with its single backward pass,
+        was measured faster (BENCHMARKS.md).
+        """
+        methods = self.kernel.layer_methods(self.samples, memory_budget)
+        if any(m != ghost.MATERIALIZE for m in methods.values()):
+            return True
+        return bool(methods) and chunk_size(
+            self.n, self.dim, memory_budget, check=False
+        ) < self.n
 
     def signals(self) -> tuple:
         """The stacked signals of all samples (computed once)."""
@@ -847,7 +918,7 @@ def sample_rows(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "materialize",
+    method: str = "auto",
     microbatch_size: int = 1,
     loss: LossLike = None,
     training: bool = True,
@@ -872,7 +943,7 @@ def sample_rows(
     if method == "materialize":
         return SampleRows(model, data, **kwargs)
     rows = GhostRows(model, data, **kwargs)
-    if method == "auto" and not rows.kernel.tapped:
+    if method == "auto" and not rows.saves(memory_budget):
         logging.debug("tf_breakeven Gram of %s: materialized", model.name)
         return SampleRows(model, data, **kwargs)
     logging.debug(
@@ -909,7 +980,7 @@ def gradient_trace_by_block(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "materialize",
+    method: str = "auto",
     blocks: BlocksLike = "layer",
     microbatch_size: int = 1,
     loss: LossLike = None,
@@ -968,7 +1039,7 @@ def gradient_covariance_eigenpairs(
     data: Any,
     k: int = 5,
     *,
-    method: str = "materialize",
+    method: str = "auto",
     microbatch_size: int = 1,
     centered: bool = True,
     loss: LossLike = None,
@@ -1033,7 +1104,7 @@ def gradient_statistics(
     model: keras.Model,
     data: Any,
     *,
-    method: str = "materialize",
+    method: str = "auto",
     microbatch_size: int = 1,
     k: int = 5,
     loss: LossLike = None,

@@ -34,9 +34,12 @@ class GramMeasurement(Measurement):
 
     Args:
         prefixes: which keys to report (e.g. `("confusion/", "probe/")`).
+        method: the Gram engine, "auto", "ghost" or "materialize" (see
+            `gradients.gradient_gram`).
         microbatch_size: M, examples per sample gradient.
         k: top-k directions of `grad_cov/norm_ratio_top_k`.
-        memory_budget: bytes for the sample-gradient rows held at once.
+        memory_budget: bytes for the sample-gradient rows (materialized)
+            or for each layer's part (ghost) held at once.
         cosines: also return the pairwise cosines as a histogram.
         blocks: None, "layer" or a mapping `{name: variables}` (see
             `tf_breakeven.blocks`): also return `grad_cov/trace/<name>`,
@@ -49,6 +52,7 @@ class GramMeasurement(Measurement):
         self,
         prefixes: Sequence[str],
         *,
+        method: str = "auto",
         microbatch_size: int = 1,
         k: int = 5,
         memory_budget: int = gradients.DEFAULT_MEMORY_BUDGET,
@@ -56,6 +60,7 @@ class GramMeasurement(Measurement):
         blocks: BlocksLike | None = None,
     ):
         self.prefixes = tuple(prefixes)
+        self.method = gradients.check_method(method)
         self.microbatch_size = check_int("microbatch_size", microbatch_size, 1)
         self.k = k
         self.memory_budget = memory_budget
@@ -74,7 +79,11 @@ class GramMeasurement(Measurement):
         return self._keys + [BLOCK_TRACE + name for name in self.block_indices]
 
     def config(self) -> dict[str, Any]:
-        config = {"microbatch_size": self.microbatch_size, "k": self.k}
+        config = {
+            "method": self.method,
+            "microbatch_size": self.microbatch_size,
+            "k": self.k,
+        }
         if self.blocks is not None:
             config["blocks"] = list(self.block_indices)
         return config
@@ -99,9 +108,10 @@ class GramMeasurement(Measurement):
 
     def compute(self, model: keras.Model, step: int) -> Result:
         probe = self.probe
-        rows = gradients.SampleRows(
+        rows = gradients.sample_rows(
             model,
             probe.data,
+            method=self.method,
             microbatch_size=self.microbatch_size,
             loss=probe.loss,
             training=probe.training,
@@ -146,6 +156,9 @@ class GramCallback(MeasurementCallback):
 
     Args:
         data: probe set.
+        method: the Gram engine: "auto" (default: the ghost engine when
+            it taps a layer of the model, else sample gradients),
+            "ghost" or "materialize"; see `gradients.gradient_gram`.
         microbatch_size: M, examples per sample gradient.
         k: top-k directions of `grad_cov/norm_ratio_top_k`.
         memory_budget: bytes for the sample-gradient rows held at once.
@@ -170,6 +183,7 @@ class GramCallback(MeasurementCallback):
         self,
         data: Any,
         *,
+        method: str = "auto",
         microbatch_size: int = 1,
         k: int = 5,
         memory_budget: int = gradients.DEFAULT_MEMORY_BUDGET,
@@ -178,6 +192,7 @@ class GramCallback(MeasurementCallback):
     ):
         measurement = GramMeasurement(
             self.prefixes,
+            method=method,
             microbatch_size=microbatch_size,
             k=k,
             memory_budget=memory_budget,
