@@ -44,9 +44,11 @@ def _calls() -> tuple[dict, list]:
     m, dim = _ITERATIONS.value, _DIM.value
     diagonal = tf.constant(np.linspace(1.0, 2.0, dim), tf.float32)
     solver = tf.function(
-        lambda: linalg.eigsh(
-            lambda v: diagonal * v, dim, 1, num_iterations=m, tol=0.0
-        ).eigenvalues
+        lambda: (
+            linalg.eigsh(
+                lambda v: diagonal * v, dim, 1, num_iterations=m, tol=0.0
+            ).eigenvalues
+        )
     )
     calls = {"solver": solver}
     models = []  # operators hold their models weakly: keep them alive
@@ -56,9 +58,9 @@ def _calls() -> tuple[dict, list]:
         operator = tfb.HessianOperator(model, (x, y), training=False)
         vector = [tf.ones_like(v) for v in model.trainable_variables]
         calls[f"{name}/hvp"] = lambda op=operator, v=vector: op.matvec(v)
-        calls[f"{name}/lanczos"] = lambda op=operator: op.eigenpairs(
-            k=1, num_iterations=m, tol=0.0
-        ).eigenvalues
+        calls[f"{name}/lanczos"] = lambda op=operator: (
+            op.eigenpairs(k=1, num_iterations=m, tol=0.0).eigenvalues
+        )
     return calls, models
 
 

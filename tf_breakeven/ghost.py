@@ -328,7 +328,10 @@ def shaped(call_inputs, call_grads, kind: str, options: dict):
         if options["channels_first"]:
             b = tf.transpose(b, [0, 1, *range(3, b.shape.rank), 2])
         positions = _positions(b, 1)
-        return _flat(a, positions, a.shape[-1]), _flat(b, positions, b.shape[-1])
+        return (
+            _flat(a, positions, a.shape[-1]),
+            _flat(b, positions, b.shape[-1]),
+        )
     positions = _positions(call_inputs, 1)
     return (
         _flat(call_inputs, positions, call_inputs.shape[-1]),

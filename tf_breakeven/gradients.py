@@ -361,9 +361,7 @@ class GhostKernel:
             stacked = tf.nest.map_structure(
                 lambda s: tf.TensorSpec([n, *s.shape], s.dtype), spec[:2]
             )
-            tf.function(trace, autograph=False).get_concrete_function(
-                *stacked
-            )
+            tf.function(trace, autograph=False).get_concrete_function(*stacked)
             self._methods[key] = chosen
         return self._methods[key]
 
@@ -854,9 +852,11 @@ class GhostRows(ProbeOperator):
         methods = self.kernel.layer_methods(self.samples, memory_budget)
         if any(m != ghost.MATERIALIZE for m in methods.values()):
             return True
-        return bool(methods) and chunk_size(
-            self.n, self.dim, memory_budget, check=False
-        ) < self.n
+        return (
+            bool(methods)
+            and chunk_size(self.n, self.dim, memory_budget, check=False)
+            < self.n
+        )
 
     def signals(self) -> tuple:
         """The stacked signals of all samples (computed once)."""
