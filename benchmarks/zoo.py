@@ -8,11 +8,17 @@ configuration), on one random batch of N examples, times:
   `training=True`: the function the HVP differentiates);
 * `HVP`: one `tfb.HessianOperator(model, (x, y)).matvec(v)` with the
   default `method="auto"` (its choice is reported), `training=True`;
-* `Gram`: `tfb.gradient_gram(model, (x, y), microbatch_size=M)` (public
-  API, float64 numpy result), `training=True` except for models with
-  BatchNormalization at M = 1 (the library refuses that; they run with
-  `training=False`, and `grad_eval`, a gradient in that mode, is timed too
-  so Gram/grad compares like with like).
+* `Gram`: `tfb.gradient_gram(model, (x, y), microbatch_size=M,
+  method="materialize")` (public API, float64 numpy result), `training=True`
+  except for models with BatchNormalization at M = 1 (the library refuses
+  that; they run with `training=False`, and `grad_eval`, a gradient in that
+  mode, is timed too so Gram/grad compares like with like);
+* `ghost`: the same call with `method="ghost"`, and which engine
+  `method="auto"` (the default) picks.
+
+`--calls` restricts the calls (`grad` always runs): e.g.
+`--models=zoo:wrn28_10 --calls=ghost --memory=ghost` for WideResNet-28-10,
+whose materialized rows do not fit in memory.
 
 One fresh process per model makes the first call of each function
 (trace + run; for the HVP also constructing the operator), then up to
@@ -29,10 +35,13 @@ taken the same way in the timing process, before anything else runs.
 it; median of 3 calls, made before the first calls).
 
     python benchmarks/zoo.py --batch_size=128 --repeats=7
+    python benchmarks/zoo.py --models=zoo:wrn28_10 --calls=ghost \
+        --memory=ghost --repeats=1 --min_repeats=1
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -55,7 +64,12 @@ _BUDGET_MB = flags.DEFINE_integer(
     "memory_budget_mb", 16384, "gradient_gram memory_budget in MiB."
 )
 _MEMORY = flags.DEFINE_list(
-    "memory", ["hvp", "gram"], "Methods whose peak RSS to measure apart."
+    "memory",
+    ["hvp", "gram", "ghost"],
+    "Methods whose peak RSS to measure apart.",
+)
+_CALLS = flags.DEFINE_list(
+    "calls", ["hvp", "gram", "ghost"], "Timed calls besides grad."
 )
 _TIMEOUT = flags.DEFINE_float("timeout", 900, "Seconds allowed per run.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: model,what.")
@@ -91,6 +105,7 @@ def _worker(spec: str) -> dict:
     import tensorflow as tf
 
     import tf_breakeven as tfb
+    from tf_breakeven import gradients
     from tf_breakeven.functional import has_batch_norm
     from tf_breakeven.gradients import chunk_size
 
@@ -122,14 +137,26 @@ def _worker(spec: str) -> dict:
     calls = {
         "grad": lambda: gradient(x, y),
         "hvp": hvp,
-        "gram": lambda: tfb.gradient_gram(
+    }
+    for method, key in (("materialize", "gram"), ("ghost", "ghost")):
+        calls[key] = functools.partial(
+            tfb.gradient_gram,
+            model,
+            (x, y),
+            method=method,
+            microbatch_size=m,
+            training=training,
+            memory_budget=budget,
+        )
+    calls = {k: v for k, v in calls.items() if k == "grad" or k in _CALLS.value}
+    if what == "time" and "ghost" in calls:
+        result["auto"] = gradients.sample_rows(
             model,
             (x, y),
             microbatch_size=m,
             training=training,
             memory_budget=budget,
-        ),
-    }
+        ).method
     if not training:
         gradient_eval = common.gradient_function(model, training=False)
         calls["grad_eval"] = lambda: gradient_eval(x, y)
@@ -172,7 +199,7 @@ def _timings(calls: dict, result: dict, n: int, dim: int, training) -> dict:
         result[f"{key}_s"] = common.median(values)
         result[f"{key}_all_s"] = values
     reference = "grad" if training else "grad_eval"
-    for key, base in ("hvp", "grad"), ("gram", reference):
+    for key, base in ("hvp", "grad"), ("gram", reference), ("ghost", reference):
         if key in times and base in times:
             ratios = [s / t for s, t in zip(times[key], times[base])]
             result[f"{key}/grad"] = common.median(ratios)
@@ -181,10 +208,10 @@ def _timings(calls: dict, result: dict, n: int, dim: int, training) -> dict:
 
 _TIME_HEADERS = (
     "model|params|grad ms|HVP method|HVP ms|HVP/grad|Gram training|"
-    "eval grad ms|Gram ms|Gram/grad|matmul ms|chunks|grad 1st s|HVP 1st s|"
-    "Gram 1st s|rounds"
+    "eval grad ms|Gram ms|Gram/grad|matmul ms|chunks|ghost ms|ghost/grad|"
+    "auto|grad 1st s|HVP 1st s|Gram 1st s|ghost 1st s|rounds"
 ).split("|")
-_MEMORY_HEADERS = "model|base MiB|grad +|HVP +|Gram +".split("|")
+_MEMORY_HEADERS = "model|base MiB|grad +|HVP +|Gram +|ghost +".split("|")
 
 
 def _rows(name: str, r: dict, memory: dict) -> list:
@@ -199,11 +226,14 @@ def _rows(name: str, r: dict, memory: dict) -> list:
     timing += [training, "=" if training is True else ms("grad_eval")]
     timing += [ms("gram"), r.get("gram/grad", nan), ms("matmul")]
     timing.append(r.get("chunks", "?"))
-    timing += [r.get(f"{k}_first_s", nan) for k in ("grad", "hvp", "gram")]
+    timing += [ms("ghost"), r.get("ghost/grad", nan), r.get("auto", "?")]
+    timing += [
+        r.get(f"{k}_first_s", nan) for k in ("grad", "hvp", "gram", "ghost")
+    ]
     timing.append(r.get("rounds", "?"))
     usage = [name.removeprefix("zoo:"), r.get("base_mb", nan)]
     usage.append(r.get("grad_peak_mb", nan) - r.get("base_mb", nan))
-    for key in ("hvp", "gram"):
+    for key in ("hvp", "gram", "ghost"):
         run = memory.get(key, {})
         usage.append(run.get("peak_mb", nan) - run.get("base_mb", nan))
     return [timing, usage]
@@ -227,6 +257,7 @@ def main(argv: list[str]) -> None:
                 f"--min_repeats={_MIN_REPEATS.value}",
                 f"--round_seconds={_ROUND_SECONDS.value}",
                 f"--memory_budget_mb={_BUDGET_MB.value}",
+                f"--calls={','.join(_CALLS.value)}",
             ]
             runs[what] = common.run_worker(__file__, args, _TIMEOUT.value)
             print(name, what, runs[what], file=sys.stderr, flush=True)

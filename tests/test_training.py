@@ -147,6 +147,83 @@ def test_statistics_of_a_step_equal_the_direct_api():
         ), key
 
 
+@pytest.mark.parametrize(
+    "name, m",
+    [
+        ("mlp_l2", 1),
+        ("cnn", 2),
+        ("bn_dropout", 2),
+        ("embedding", 1),
+        ("lstm", 2),
+    ],
+)
+def test_ghost_step_statistics_equal_the_materialized_gram(name, m):
+    # The ghost engine of a tracked step (Keras' update plus one signal
+    # pass) against the materialized Gram of the same batch: L2 cross
+    # terms, convolution patches, micro-batch BatchNormalization coupling
+    # and dropout masks, embedding ids.
+    x, y = data_for(name, n=8, seed=7)
+    model = _model(
+        name, {"gram": True, "microbatch_size": m, "method": "ghost"}
+    )
+    model.optimizer.learning_rate.assign(0.0)
+    logs = _fit(model, (x, y), epochs=1).history
+    # After the step (lr 0: the same weights): dropout masks come from the
+    # seed state Keras' forward pass of the step left, as in the probe.
+    expected = tfb.gradient_statistics(
+        model, (x, y), microbatch_size=m, method="materialize"
+    )
+    for key in training.GRAM_KEYS:
+        assert logs[key][-1] == pytest.approx(
+            expected[key[len("batch/") :]], rel=1e-5
+        ), key
+
+
+def test_auto_step_engine_is_chosen_from_the_batch_shapes():
+    from tf_breakeven import step_probes
+
+    def batch(x, y):
+        return Batch(tf.constant(x), tf.constant(y), None)
+
+    x, y = _data(n=8)
+    small = _model(tracking={"gram": True, "microbatch_size": 2})
+    # Fusable, rows fit: the fused materialized pass (one pass, no extra).
+    assert small.fusable
+    engine = step_probes.gram_engine(small, batch(x, y), 2, "auto")
+    assert engine == "materialize"
+    # Not fusable (state): the per-layer costs decide. 4 samples of P = 2
+    # rows: a 4x6 kernel costs (4 * 2)^2 * (4 + 6) = 640 multiply-adds as
+    # a ghost product, 4 * 2 * 24 + 4 * 4 * 24 = 576 materialized; a 32x32
+    # kernel 64 * 64 = 4096 against 8 * 1024 + 16 * 1024 = 24576.
+    bn = _model("bn_dropout", {"gram": True, "microbatch_size": 2})
+    xb, yb = data_for("bn_dropout", n=8, seed=7)
+    assert not bn.fusable
+    assert step_probes.gram_engine(bn, batch(xb, yb), 2, "auto") == (
+        "materialize"
+    )
+    keras.utils.set_random_seed(0)
+    wide = training.track(
+        keras.Sequential(
+            [
+                keras.Input((32,)),
+                keras.layers.Dense(32),
+                keras.layers.BatchNormalization(),
+                keras.layers.Dense(3),
+            ]
+        ),
+        gram=True,
+        microbatch_size=2,
+    )
+    wide.compile(optimizer="sgd", loss=cross_entropy())
+    xw = np.random.default_rng(0).normal(size=(8, 32)).astype("float32")
+    assert step_probes.gram_engine(wide, batch(xw, yb), 2, "auto") == "ghost"
+    assert step_probes.gram_engine(wide, batch(xw, yb), 2, "materialize") == (
+        "materialize"
+    )
+    with pytest.raises(ValueError, match="method"):
+        training.TrackingConfig(gram=True, method="fast")
+
+
 def test_partial_last_batch_uses_its_first_multiple_of_m():
     x, y = _data(n=10)  # one batch of 10 with M = 4: samples 0-3, 4-7
     model = _model(tracking={"gram": True, "microbatch_size": 4}, lr=0.0)
@@ -263,13 +340,16 @@ def _step_function(train_function):
     raise AssertionError("no one_step_on_data tf.function in train_function")
 
 
-def test_xla_tracked_step_is_compiled_and_matches_the_plain_graph():
+@pytest.mark.parametrize("method", ["auto", "ghost"])
+def test_xla_tracked_step_is_compiled_and_matches_the_plain_graph(method):
+    # "auto" takes the fused materialized pass on this model.
     data = _data(n=16)
     tracking = {
         "every": 1,
         "gram": True,
         "microbatch_size": 2,
         "hessian_every": 1,
+        "method": method,
     }
     runs = {}
     for jit in (False, True):
@@ -345,6 +425,22 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False,
                         verbose=0, callbacks=[spectrum, covariance])
     out = {k: float(v[-1]) for k, v in history.history.items()}
+    # The ghost engine: a tracked step (its signals gathered over
+    # replicas) and a callback, with an L2 regularizer's cross terms.
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        ghost_model = training.track(build("mlp_l2", compile_loss=False), {
+            "gram": True, "microbatch_size": 1, "method": "ghost"})
+        ghost_model.compile(optimizer=keras.optimizers.SGD(0.1),
+                            loss=cross_entropy())
+    ghost_covariance = callbacks.GradientCovariance(
+        probe, microbatch_size=1, schedule=at_3, blocks="layer",
+        method="ghost")
+    ghost_history = ghost_model.fit(
+        x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+        callbacks=[ghost_covariance])
+    out.update({"ghost/" + k: float(v[-1])
+                for k, v in ghost_history.history.items()})
     # Adam: the preconditioned sharpness; per-layer curvature, the spread
     # over probe splits and the gradient alignment.
     with strategy.scope():
@@ -359,6 +455,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     adam_model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
                    callbacks=[adaptive, layers])
     for name, callback in (("cb/", spectrum), ("cb/", covariance),
+                           ("ghost_cb/", ghost_covariance),
                            ("adam/", adaptive), ("adam/", layers)):
         out.update({name + k: float(v)
                     for k, v in callback.records[0].items()
@@ -402,6 +499,8 @@ def test_mirrored_strategy_gives_the_single_device_numbers(tmp_path):
     for key in (
         "cb/breakeven/batch_sharpness",
         "cb/grad_cov/trace/",
+        "ghost/batch/grad_cov/lambda_1",
+        "ghost_cb/grad_cov/trace/",
         "adam/breakeven/preconditioned_sharpness",
         "adam/hessian/lambda_1/",
         "adam/hessian/lambda_1_std",

@@ -310,7 +310,8 @@ class GhostKernel:
         key = _spec_key(first)
         if key in self._signatures:
             return
-        _check_fits(self, samples)
+        if tf.executing_eagerly():  # (a train step's batch fits its model)
+            _check_fits(self, samples)
         fn = self.function
         while True:
             found: dict = {}
@@ -364,6 +365,27 @@ class GhostKernel:
             tf.function(trace, autograph=False).get_concrete_function(*stacked)
             self._methods[key] = chosen
         return self._methods[key]
+
+    def saves(self, samples: Batch, memory_budget: int) -> bool:
+        """Whether the ghost engine is cheaper than materialized rows for
+        these samples [n, M, ...] (n may be unknown while tracing).
+
+        True when some tapped kernel takes a ghost or sparse product, or
+        when the materialized rows would not fit `memory_budget` in one
+        chunk (they would then be recomputed chunk by chunk). When every
+        tapped kernel would form its own sample gradients anyway
+        (convolutions over many positions) the two engines do the same
+        work, and the materialized one, with its single backward pass,
+        was measured faster (BENCHMARKS.md).
+        """
+        methods = self.layer_methods(samples, memory_budget)
+        if any(m != ghost.MATERIALIZE for m in methods.values()):
+            return True
+        n = tf.nest.flatten(samples.x)[0].shape[0] or ghost.ASSUMED_SAMPLES
+        dim = self.function.dim
+        return bool(methods) and (
+            chunk_size(n, dim, memory_budget, check=False) < n
+        )
 
     def stacked_signals(self, x, y, sample_weight):
         """`sample_signals` of every sample, stacked; inputs [n, M, ...]."""
@@ -522,22 +544,15 @@ def split_samples(batches: list[Batch], microbatch_size: int) -> Batch:
     return _split_samples(batch, int(microbatch_size))
 
 
-def _check_fits(kernel: GradientKernel, samples: Batch) -> None:
-    first = slice_batch(samples, 0, 1)
-    first = Batch(
-        *(
-            None
-            if part is None
-            else tf.nest.map_structure(lambda t: t[0], part)
-            for part in first
-        )
-    )
+def _check_fits(kernel: GradientKernel | GhostKernel, samples: Batch) -> None:
+    """Traces the first sample's losses: a clear error if it does not fit
+    the model or the loss."""
     fn = kernel.function
     check_fits(
         lambda *batch: fn.per_example_losses(
             fn.read_parameters(), fn.read_state(), *batch
         ),
-        [first],
+        [Batch(*_first_sample(samples))],
     )
 
 
@@ -839,24 +854,8 @@ class GhostRows(ProbeOperator):
         self._parts = None
 
     def saves(self, memory_budget: int) -> bool:
-        """Whether this engine is cheaper than materialized rows.
-
-        True when some tapped kernel takes a ghost or sparse product, or
-        when the materialized rows would not fit `memory_budget` in one
-        chunk (they would then be recomputed chunk by chunk). When every
-        tapped kernel would form its own sample gradients anyway
-        (convolutions over many positions) the two engines do the same
-        work, and the materialized one, with its single backward pass,
-        was measured faster (BENCHMARKS.md).
-        """
-        methods = self.kernel.layer_methods(self.samples, memory_budget)
-        if any(m != ghost.MATERIALIZE for m in methods.values()):
-            return True
-        return (
-            bool(methods)
-            and chunk_size(self.n, self.dim, memory_budget, check=False)
-            < self.n
-        )
+        """Whether this engine is cheaper here (`GhostKernel.saves`)."""
+        return self.kernel.saves(self.samples, memory_budget)
 
     def signals(self) -> tuple:
         """The stacked signals of all samples (computed once)."""

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
+from tf_breakeven import ghost as ghost_lib
 from tf_breakeven import gradients as gradients_lib
 from tf_breakeven import hessian as hessian_lib
 from tf_breakeven import linalg, statistics
@@ -181,16 +182,63 @@ def split_microbatches(tensors: Any, microbatch_size: int) -> Any:
     return tf.nest.map_structure(split, tensors)
 
 
+def split_batch(batch: Batch, microbatch_size: int) -> Batch:
+    """A batch's samples [N // M, M, ...] (`split_microbatches`)."""
+    return Batch(
+        *(
+            None if part is None else split_microbatches(part, microbatch_size)
+            for part in batch
+        )
+    )
+
+
+def ghost_kernel(model: keras.Model) -> gradients_lib.GhostKernel:
+    """The ghost engine of a train step (the compiled loss, training
+    mode, the model's own `jit_compile`)."""
+    return gradients_lib.ghost_kernel(
+        model, jit_compile=bool(getattr(model, "jit_compile", False))
+    )
+
+
+def gram_engine(
+    model: keras.Model, batch: Batch, microbatch_size: int, method: str
+) -> str:
+    """The Gram engine ("materialize" or "ghost") of a tracked step,
+    chosen while tracing from the batch's shapes.
+
+    "auto" is `gradients.gradient_gram`'s choice, except that a fusable
+    step (`TrackingModel.fusable`: its update is the mean of the
+    materialized rows, which saves a pass) keeps the materialized engine
+    while all rows fit `gradients.DEFAULT_MEMORY_BUDGET`. An unknown
+    batch size counts as `ghost.ASSUMED_SAMPLES` samples.
+    """
+    if method == ghost_lib.MATERIALIZE:
+        return method
+    kernel = ghost_kernel(model)
+    samples = split_batch(batch, microbatch_size)
+    if method == "auto":
+        budget = gradients_lib.DEFAULT_MEMORY_BUDGET
+        if getattr(model, "fusable", False):
+            n = (
+                tf.nest.flatten(samples.x)[0].shape[0]
+                or ghost_lib.ASSUMED_SAMPLES
+            )
+            dim = kernel.function.dim
+            if gradients_lib.chunk_size(n, dim, budget, check=False) >= n:
+                return ghost_lib.MATERIALIZE
+        elif not kernel.saves(samples, budget):
+            return ghost_lib.MATERIALIZE
+    kernel.discover(samples)
+    return ghost_lib.GHOST
+
+
 def sample_rows(
     model: keras.Model, batch: Batch, microbatch_size: int
 ) -> tf.Tensor:
     """float64 rows [N // M, P] of the micro-batch gradients of a batch,
     one vectorized pass through `stateless_call` (no state changes)."""
-    x, y, weight = (
-        None if part is None else split_microbatches(part, microbatch_size)
-        for part in batch
-    )
-    return gradients_lib.gradient_kernel(model).rows(x, y, weight)
+    samples = split_batch(batch, microbatch_size)
+    return gradients_lib.gradient_kernel(model).rows(*samples)
 
 
 def tracked_rows(
@@ -249,18 +297,22 @@ def fused_pass(model: keras.Model, batch: Batch, microbatch_size: int):
 class BatchGram(StepProbe):
     """`GRAM_KEYS`: Gram statistics of the batch's micro-batch gradients.
 
-    Uses the rows of the fused pass when there is one; otherwise (models
-    with state, whose update stays Keras' own) one extra vectorized pass.
-    A tracked batch of fewer than two micro-batches logs NaN.
-    Under a strategy the rows of all replicas are gathered, so every
-    replica computes the statistics of the global batch.
+    The engine is `method` ("auto", "ghost" or "materialize", as in
+    `gradients.gradient_gram`), resolved while tracing (`gram_engine`).
+    The materialized engine uses the rows of the fused pass when there is
+    one; otherwise (models with state, whose update stays Keras' own, and
+    the ghost engine) one extra vectorized pass through `stateless_call`.
+    A tracked batch of fewer than two micro-batches logs NaN. Under a
+    strategy the rows (or the ghost signals) of all replicas are gathered,
+    so every replica computes the statistics of the global batch.
     """
 
     keys = GRAM_KEYS
 
-    def __init__(self, microbatch_size: int):
+    def __init__(self, microbatch_size: int, method: str = "auto"):
         super().__init__()
         self.microbatch_size = microbatch_size
+        self.method = gradients_lib.check_method(method)
 
     def init(self, model):
         # One example has no batch statistics (docs/pitfalls.md#P13).
@@ -272,6 +324,28 @@ class BatchGram(StepProbe):
             )
 
     def update(self, context, previous):
+        engine = gram_engine(
+            context.model, context.batch, self.microbatch_size, self.method
+        )
+        if engine == ghost_lib.GHOST:
+            count, gram = self._ghost_gram(context)
+        else:
+            count, gram = self._materialized_gram(context)
+        # A batch of fewer than two micro-batches (a small last batch) has
+        # no covariance: its tracked step logs NaN.
+        nan = tf.constant(math.nan, tf.float64)
+        return tf.cond(
+            context.tracked,
+            lambda: tf.cond(
+                count >= 2,
+                lambda: self._statistics(gram()),
+                lambda: {key: nan for key in self.keys},
+            ),
+            lambda: {key: previous[key] for key in self.keys},
+        )
+
+    def _materialized_gram(self, context):
+        """(samples, Gram thunk) from the rows (gathered over replicas)."""
         rows = context.rows
         if rows is None:
             rows = tracked_rows(
@@ -283,23 +357,67 @@ class BatchGram(StepProbe):
         replica, replicated = _replica_context()
         if replicated:
             rows = replica.all_gather(rows, axis=0)
-        # A batch of fewer than two micro-batches (a small last batch) has
-        # no covariance: its tracked step logs NaN.
-        nan = tf.constant(math.nan, tf.float64)
-        return tf.cond(
-            context.tracked,
-            lambda: tf.cond(
-                tf.shape(rows)[0] >= 2,
-                lambda: self._statistics(rows),
-                lambda: {key: nan for key in self.keys},
-            ),
-            lambda: {key: previous[key] for key in self.keys},
+        return tf.shape(rows)[0], lambda: tf.matmul(
+            rows, rows, transpose_b=True
         )
 
-    def _statistics(self, rows):
+    def _ghost_gram(self, context):
+        """(samples, Gram thunk) from the ghost signals of every sample
+        (gathered over replicas: the Gram's cross-replica pairs need both
+        samples' signals)."""
+        m, batch = self.microbatch_size, context.batch
+        kernel = ghost_kernel(context.model)
+        samples = split_batch(batch, m)
+        spec = kernel.signature(samples)
+        count = batch_size(batch.x) // m
+
+        def zeros():
+            return tf.nest.map_structure(
+                lambda s: tf.zeros(tf.concat([[count], s.shape], 0), s.dtype),
+                spec,
+            )
+
+        signals = tf.cond(
+            context.tracked & (count > 0),
+            lambda: tf.nest.pack_sequence_as(
+                spec, tf.nest.flatten(kernel.stacked_signals(*samples))
+            ),
+            zeros,
+        )
+        replica, replicated = _replica_context()
+        if replicated:
+            signals = tf.nest.map_structure(
+                lambda t, s: tf.ensure_shape(
+                    replica.all_gather(t, axis=0), [None, *s.shape]
+                ),
+                signals,
+                spec,
+            )
+            count = tf.shape(tf.nest.flatten(signals)[0])[0]
+
+        def gram():
+            regularization = []
+            if kernel.regularized:  # the same for every sample
+                first = Batch(
+                    *(
+                        None
+                        if part is None
+                        else tf.nest.map_structure(lambda t: t[:m], part)
+                        for part in batch
+                    )
+                )
+                regularization = kernel.regularization_gradients(*first)
+            parts = kernel.variable_grams(
+                signals, regularization, gradients_lib.DEFAULT_MEMORY_BUDGET
+            )
+            total = tf.reduce_sum(parts, axis=0)
+            return (total + tf.transpose(total)) / 2
+
+        return count, gram
+
+    def _statistics(self, gram):
         stats = statistics.gram_statistics_tf(
-            tf.matmul(rows, rows, transpose_b=True),
-            microbatch_size=self.microbatch_size,
+            gram, microbatch_size=self.microbatch_size
         )
         return {key: stats[key[len(BATCH_PREFIX) :]] for key in self.keys}
 

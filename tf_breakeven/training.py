@@ -14,7 +14,10 @@ Its `train_step` is Keras' own, plus, on tracked steps:
   `batch/confusion/eta`, `batch/confusion/cos_min`,
   `batch/confusion/cos_mean`, `batch/grad/norm`, `batch/grad/diversity`,
   `batch/grad/noise_scale` (definitions as in `tf_breakeven.statistics`).
-  For models without state (no BatchNormalization, no dropout) and
+  The engine is `TrackingConfig.method` ("auto" by default: the ghost
+  engine of `tf_breakeven.ghost` when it is cheaper for the model, see
+  `gradients.gradient_gram`). With the materialized engine, for models
+  without state (no BatchNormalization, no dropout) and
   without loss scaling, a tracked step runs ONE vectorized
   forward/backward pass: the update uses the mean of the micro-batch
   gradients (the batch gradient, up to float roundoff). Models with state
@@ -75,24 +78,32 @@ class TrackingConfig:
         microbatch_size: M for the sample gradients (must divide the batch;
             a partial last batch uses its first multiple of M examples).
         hessian_every: one power-iteration HVP every n steps (0: off).
+        method: the Gram engine, "auto", "ghost" or "materialize" (see
+            `gradients.gradient_gram`), chosen when the step is traced
+            (an unknown batch size counts as 128 samples). Only
+            "materialize" fuses the update into the sample-gradient pass.
     """
 
     every: int = 1
     gram: bool = False
     microbatch_size: int = 1
     hessian_every: int = 0
+    method: str = "auto"
 
     def __post_init__(self):
         check_int("every", self.every, 1)
         check_int("microbatch_size", self.microbatch_size, 1)
         check_int("hessian_every", self.hessian_every, 0, hint="0 is off.")
+        gradients_lib.check_method(self.method)
 
 
 def probes_for(config: TrackingConfig) -> step_probes.ProbeChain:
     """The step probes of a config, in the order of their log keys."""
     chain = [step_probes.GradientNorm(), step_probes.UpdateNorm()]
     if config.gram:
-        chain.append(step_probes.BatchGram(config.microbatch_size))
+        chain.append(
+            step_probes.BatchGram(config.microbatch_size, config.method)
+        )
     if config.hessian_every:
         chain.append(step_probes.PowerIteration(config.hessian_every))
     return step_probes.ProbeChain(chain)
@@ -192,9 +203,12 @@ class TrackingModel(keras.Model):
     def _forward_backward(self, batch, tracked):
         """`(y_pred, loss, gradients, rows)` of the step; rows None unless
         the pass made them."""
-        if not self.fusable:
-            return (*self._keras_pass(batch), None)
         m = self.tracking.microbatch_size
+        if not self.fusable or (
+            step_probes.gram_engine(self, batch, m, self.tracking.method)
+            != "materialize"
+        ):
+            return (*self._keras_pass(batch), None)
 
         def keras_branch():
             # Untracked steps, and tracked ones whose batch M does not
