@@ -534,8 +534,7 @@ def regularizer_terms(layer: Layer, a, b, r) -> tf.Tensor:
     """<D_i, r> for every sample, float64 [n] (D_i: the data gradient)."""
     if layer.kind == "take":
         picked = tf.gather(tf.cast(r, b.dtype), tf.cast(a, tf.int32))
-        terms = tf.reduce_sum(tf.cast(picked * b, tf.float64), [1, 2])
-        return terms
+        return tf.reduce_sum(tf.cast(picked * b, tf.float64), [1, 2])
     r = tf.cast(_grouped(layer, r, 0), tf.float64)
     projected = tf.einsum("ipk,ko->ipo", tf.cast(a, tf.float64), r)
     return tf.reduce_sum(projected * tf.cast(b, tf.float64), [1, 2])

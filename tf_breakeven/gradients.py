@@ -22,10 +22,20 @@ are computed by a `tf.map_fn` loop over samples inside the same `tf.function`
 (exact, but several times slower); build the RNN with `unroll=True` to get
 the vectorized path.
 
-The Gram matrix G_ij = <g_i, g_j> is accumulated block by block in float64:
-at most two chunks of sample gradients are held at once, and the chunk size
-follows from `memory_budget` (bytes). The per-block traces Tr(K_b)
-(`gradient_trace_by_block`) come from the same rows, one chunk at a time.
+Two engines build the Gram matrix G_ij = <g_i, g_j> (`method=`):
+
+* "materialize" (`SampleRows`) accumulates it block by block in float64
+  from the rows: at most two chunks of sample gradients are held at once,
+  and the chunk size follows from `memory_budget` (bytes). The per-block
+  traces Tr(K_b) (`gradient_trace_by_block`) come from the same rows, one
+  chunk at a time.
+* "ghost" (`GhostRows`, `GhostKernel`) never forms the sample gradients
+  of the tapped kernels: one vectorized pass returns their inputs and
+  output gradients, and `tf_breakeven.ghost` turns them into one [n, n]
+  Gram per variable (memory O(n^2 + activations)). The covariance's
+  eigenvectors are then gradients of weighted losses (`GhostRows.combine`).
+* "auto" (the default) takes "ghost" when it saves work or memory
+  (`GhostKernel.saves`).
 """
 
 from __future__ import annotations
@@ -202,10 +212,10 @@ def gradient_kernel(
     jit_compile: bool = False,
 ) -> GradientKernel:
     """The shared `GradientKernel` of a model configuration."""
-    function = ModelFunction(model, loss, training=training)
     key = ("gradients", loss_key(loss), bool(training), bool(jit_compile))
 
     def build():
+        function = ModelFunction(model, loss, training=training)
         kernel = GradientKernel(function, jit_compile)
         if not kernel.vectorized:
             logging.warning(
@@ -497,9 +507,14 @@ def ghost_kernel(
     jit_compile: bool = False,
 ) -> GhostKernel:
     """The shared `GhostKernel` of a model configuration."""
-    function = ModelFunction(model, loss, training=training)
     key = ("ghost", loss_key(loss), bool(training), bool(jit_compile))
-    return cached_kernel(model, key, lambda: GhostKernel(function, jit_compile))
+    return cached_kernel(
+        model,
+        key,
+        lambda: GhostKernel(
+            ModelFunction(model, loss, training=training), jit_compile
+        ),
+    )
 
 
 def prepare_samples(
@@ -852,6 +867,7 @@ class GhostRows(ProbeOperator):
         self.memory_budget = int(memory_budget)
         self._signals = None
         self._parts = None
+        self._regularization = None
 
     def saves(self, memory_budget: int) -> bool:
         """Whether this engine is cheaper here (`GhostKernel.saves`)."""
@@ -866,10 +882,15 @@ class GhostRows(ProbeOperator):
         return self._signals
 
     def regularization(self) -> list[tf.Tensor]:
-        """The weight regularizers' gradients of the tapped kernels."""
-        if not self.kernel.regularized:
-            return []
-        return self.kernel.regularization(*_first_sample(self.samples))
+        """The weight regularizers' gradients of the tapped kernels
+        (computed once)."""
+        if self._regularization is None:
+            self._regularization = []
+            if self.kernel.regularized:
+                self._regularization = self.kernel.regularization(
+                    *_first_sample(self.samples)
+                )
+        return self._regularization
 
     def parts(self) -> tf.Tensor:
         """Per-variable Gram matrices, float64 [V, n, n]."""
@@ -926,10 +947,9 @@ def sample_rows(
 ) -> SampleRows | GhostRows:
     """The Gram engine `method` picks for the model, on the probe set.
 
-    "auto" takes the ghost engine when it taps at least one kernel (its
-    per-layer choice is never costlier than forming the layer's sample
-    gradients), else the materialized one; the choice is logged at debug
-    level.
+    "auto" takes the ghost engine when it saves work or memory
+    (`GhostKernel.saves`), else the materialized one; the choice is
+    logged at debug level.
     """
     check_method(method)
     kwargs = dict(
