@@ -678,7 +678,29 @@ def gradient_gram(
     ).gram()
 
 
-class SampleRows(ProbeOperator):
+class _Samples(ProbeOperator):
+    """A probe set as n samples of M examples (`samples`, [n, M, ...]),
+    for one engine's `kernel`; the base of `SampleRows` and `GhostRows`."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        data: Any,
+        kernel: GradientKernel | GhostKernel,
+        microbatch_size: int,
+        training: bool,
+        jit_compile: bool,
+    ):
+        self.microbatch_size = check_microbatch_size(
+            model, microbatch_size, training
+        )
+        self.kernel = kernel
+        super().__init__(kernel.function, data, None, jit_compile=jit_compile)
+        self.samples = split_samples(self.batches, self.microbatch_size)
+        self.n = tf.nest.flatten(self.samples.x)[0].shape[0]
+
+
+class SampleRows(_Samples):
     """Flat float64 sample gradients of a probe set, chunk by chunk.
 
     The probe set is split into n samples of M examples
@@ -704,18 +726,13 @@ class SampleRows(ProbeOperator):
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         jit_compile: bool = False,
     ):
-        self.microbatch_size = check_microbatch_size(
-            model, microbatch_size, training
-        )
-        self.kernel = gradient_kernel(
+        kernel = gradient_kernel(
             model, loss, training=training, jit_compile=jit_compile
         )
         super().__init__(
-            self.kernel.function, data, None, jit_compile=jit_compile
+            model, data, kernel, microbatch_size, training, jit_compile
         )
-        self.samples = split_samples(self.batches, self.microbatch_size)
         _check_fits(self.kernel, self.samples)
-        self.n = tf.nest.flatten(self.samples.x)[0].shape[0]
         self.chunk = chunk_size(self.n, self.dim, memory_budget)
         self.starts = list(range(0, self.n, self.chunk))
         self._single = None  # the rows, when they fit in one chunk
@@ -821,7 +838,7 @@ def check_method(method: str) -> str:
     return method
 
 
-class GhostRows(ProbeOperator):
+class GhostRows(_Samples):
     """The ghost engine's Gram matrix of a probe set's sample gradients.
 
     The same samples as `SampleRows` (n samples of M examples, each run as
@@ -852,17 +869,12 @@ class GhostRows(ProbeOperator):
         jit_compile: bool = False,
         kernel: GhostKernel | None = None,
     ):
-        self.microbatch_size = check_microbatch_size(
-            model, microbatch_size, training
-        )
-        self.kernel = kernel or ghost_kernel(
+        kernel = kernel or ghost_kernel(
             model, loss, training=training, jit_compile=jit_compile
         )
         super().__init__(
-            self.kernel.function, data, None, jit_compile=jit_compile
+            model, data, kernel, microbatch_size, training, jit_compile
         )
-        self.samples = split_samples(self.batches, self.microbatch_size)
-        self.n = tf.nest.flatten(self.samples.x)[0].shape[0]
         self.kernel.discover(self.samples)  # checks the samples fit
         self.memory_budget = int(memory_budget)
         self._signals = None
