@@ -178,7 +178,8 @@ def _timings(calls: dict, result: dict, n: int, dim: int, training) -> dict:
     result["grad_first_s"] = common.timed(calls["grad"])
     common.block(calls["grad"]())
     result["grad_peak_mb"] = common.peak_rss_mb()
-    result["matmul_s"] = _matmul_seconds(n, dim)
+    if "gram" in calls:  # (WRN-28-10's rows alone would take 37 GB)
+        result["matmul_s"] = _matmul_seconds(n, dim)
     times = {"grad": []}
     for key, call in list(calls.items())[1:]:
         try:

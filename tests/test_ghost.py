@@ -117,3 +117,47 @@ def test_statistics_take_the_method_and_bad_methods_are_refused():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     with pytest.raises(ValueError, match="auto"):
         tfb.gradient_gram(model, (x, y), method="fast")
+
+
+def _conv_stack():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(8, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("tanh"),
+            keras.layers.Conv2D(8, 3),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_auto_takes_ghost_where_its_kernels_hold_the_parameters():
+    # MLP and embedding: every kernel is a ghost (resp. shared-token)
+    # product. The conv stack: both convolutions form their sample
+    # gradients (8 samples of 16 resp. 4 positions, 18 resp. 72 inputs by
+    # 8 outputs), and the Dense head that would go ghost holds 24 of the
+    # 779 parameters, under a quarter: the materialized engine.
+    x, y = data_for("cnn")
+    conv = _conv_stack()
+    rows = gradients.sample_rows(conv, (x, y), training=False)
+    assert rows.method == "materialize"
+    ghost_rows = gradients.sample_rows(
+        conv, (x, y), method="ghost", training=False
+    )
+    methods = ghost_rows.kernel.layer_methods(ghost_rows.samples, 2 << 30)
+    assert sorted(methods.values()) == ["ghost", "materialize", "materialize"]
+    assert rel_err(ghost_rows.gram(), rows.gram()) < 1e-5
+    # Rows that do not fit the budget at once: ghost whatever the layers.
+    assert rows.dim == 779
+    small = gradients.sample_rows(
+        conv, (x, y), training=False, memory_budget=8 * 779 * 12 - 1
+    )
+    assert small.method == "ghost"
+    for name in ("mlp", "embedding"):
+        model = build(name)
+        assert gradients.sample_rows(model, data_for(name)).method == "ghost"

@@ -76,6 +76,10 @@ from tf_breakeven.operators import (
 from tf_breakeven.validation import ArgumentError, check_int
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
+# "auto" takes the ghost engine when its ghost/sparse kernels hold at least
+# this share of the parameters (measured: ResNets and DenseNet under 1%,
+# the MLPs, CNNs with a dense head, LSTMs and BERT 47% or more).
+GHOST_SHARE = 0.25
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
@@ -377,22 +381,30 @@ class GhostKernel:
         return self._methods[key]
 
     def saves(self, samples: Batch, memory_budget: int) -> bool:
-        """Whether the ghost engine is cheaper than materialized rows for
-        these samples [n, M, ...] (n may be unknown while tracing).
+        """Whether the ghost engine is the better one for these samples
+        [n, M, ...] (n may be unknown while tracing).
 
-        True when some tapped kernel takes a ghost or sparse product, or
-        when the materialized rows would not fit `memory_budget` in one
-        chunk (they would then be recomputed chunk by chunk). When every
-        tapped kernel would form its own sample gradients anyway
-        (convolutions over many positions) the two engines do the same
-        work, and the materialized one, with its single backward pass,
-        was measured faster (BENCHMARKS.md).
+        True when the kernels that take a ghost or sparse product
+        (`ghost.layer_method`) hold at least `GHOST_SHARE` of the
+        parameters, or when the materialized rows would not fit
+        `memory_budget` in one chunk (they would be recomputed chunk by
+        chunk). Where the other kernels dominate (convolutions over many
+        positions form their sample gradients either way) the ghost
+        engine does the same work plus its patches and an extra pass:
+        measured 1.1x slower on ResNet-20, where those kernels hold 99%
+        of the parameters (BENCHMARKS.md section 11).
         """
         methods = self.layer_methods(samples, memory_budget)
-        if any(m != ghost.MATERIALIZE for m in methods.values()):
+        shapes = self.function.shapes
+        dim = self.function.dim
+        saved = sum(
+            math.prod(shapes[i])
+            for i, m in methods.items()
+            if m != ghost.MATERIALIZE
+        )
+        if saved >= GHOST_SHARE * dim:
             return True
         n = tf.nest.flatten(samples.x)[0].shape[0] or ghost.ASSUMED_SAMPLES
-        dim = self.function.dim
         return bool(methods) and (
             chunk_size(n, dim, memory_budget, check=False) < n
         )
@@ -649,9 +661,10 @@ def gradient_gram(
             and Embedding kernels without forming their sample gradients
             (`tf_breakeven.ghost`; the other variables keep theirs), with
             memory O(n^2 + activations) instead of O(n P). "auto" (the
-            default) takes "ghost" when some tapped kernel is cheaper that
-            way (a ghost or shared-token product) or when the rows would
-            not fit `memory_budget` in one chunk, else "materialize"; the
+            default) takes "ghost" when the kernels cheaper that way (a
+            ghost or shared-token product) hold at least a quarter of the
+            parameters, or when the rows would not fit `memory_budget` in
+            one chunk, else "materialize" (`GhostKernel.saves`); the
             choice is logged at debug level. Both are exact (tested equal
             to 1e-5 relative), under a strategy and with XLA.
         microbatch_size: M, examples per sample (must divide N).

@@ -157,7 +157,7 @@ class GramCallback(MeasurementCallback):
     Args:
         data: probe set.
         method: the Gram engine: "auto" (default: the ghost engine when
-            it taps a layer of the model, else sample gradients),
+            it is the cheaper one for the model, else sample gradients),
             "ghost" or "materialize"; see `gradients.gradient_gram`.
         microbatch_size: M, examples per sample gradient.
         k: top-k directions of `grad_cov/norm_ratio_top_k`.
