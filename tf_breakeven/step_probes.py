@@ -372,26 +372,27 @@ class BatchGram(StepProbe):
         count = batch_size(batch.x) // m
 
         def zeros():
-            return tf.nest.map_structure(
-                lambda s: tf.zeros(tf.concat([[count], s.shape], 0), s.dtype),
-                spec,
+            return kernel.join(
+                tf.nest.map_structure(
+                    lambda s: tf.zeros(
+                        tf.concat([[count], s.shape], 0), s.dtype
+                    ),
+                    spec,
+                )
             )
 
         signals = tf.cond(
             context.tracked & (count > 0),
-            lambda: tf.nest.pack_sequence_as(
-                spec, tf.nest.flatten(kernel.stacked_signals(*samples))
-            ),
+            lambda: kernel.stacked_signals(*samples),
             zeros,
         )
         replica, replicated = _replica_context()
         if replicated:
             signals = tf.nest.map_structure(
-                lambda t, s: tf.ensure_shape(
-                    replica.all_gather(t, axis=0), [None, *s.shape]
+                lambda t: tf.ensure_shape(
+                    replica.all_gather(t, axis=0), [None, *t.shape[1:]]
                 ),
                 signals,
-                spec,
             )
             count = tf.shape(tf.nest.flatten(signals)[0])[0]
 
