@@ -507,7 +507,7 @@ def _shared_token_gram(layer: Layer, ids, b, memory_budget) -> tf.Tensor:
 # compiles it on its own, even outside `jit_compile`: on CPU its batched
 # product took 15 ms where TensorFlow's BatchMatMul took 40 (128 samples,
 # an LSTM kernel's 128 positions, 64 x 256), and 77 against 119 ms for a
-# 3x3 convolution of 64 channels over 64 positions.
+# 3x3 convolution of 64 channels over 64 positions (docs/pitfalls.md#P31).
 _sample_kernel_gradients = tf.function(
     lambda a, b: tf.einsum("ipk,ipo->iko", a, b),
     jit_compile=True,

@@ -436,8 +436,8 @@ class GhostKernel:
         """Stacked signals per tapped call -> per entry (`entries`): the
         calls of a kernel used by several matmuls or lookups (an unrolled
         RNN's steps) joined along positions into one tensor. Fewer
-        tensors cross the `tf.function` boundaries: passing an unrolled
-        LSTM's 518 took 21 ms a call."""
+        tensors cross the `tf.function` boundaries (passing an unrolled
+        LSTM's 518 took 21 ms a call: docs/pitfalls.md#P31)."""
         inputs, grads, others = signals
         joined_inputs, joined_grads, position = [], [], 0
         for calls in self.tapped.values():
