@@ -392,8 +392,8 @@ class GhostKernel:
         chunk). Where the other kernels dominate (convolutions over many
         positions form their sample gradients either way) the ghost
         engine does the same work plus its patches and an extra pass:
-        measured 1.1x slower on ResNet-20, where those kernels hold 99%
-        of the parameters (BENCHMARKS.md section 11).
+        measured 1.07-1.35x slower on ResNet-20, where those kernels hold
+        99% of the parameters (BENCHMARKS.md section 11).
         """
         methods = self.layer_methods(samples, memory_budget)
         shapes = self.function.shapes
