@@ -279,13 +279,12 @@ def _positions(t: tf.Tensor, trailing: int) -> int:
     return math.prod(t.shape[1 : t.shape.rank - trailing])
 
 
-def join_calls(tensors: Sequence[tf.Tensor], kind: str, ids: bool):
+def join_calls(tensors: Sequence[tf.Tensor], ids: bool):
     """Stacked tensors of several "matmul" or "take" calls of one kernel
     [n, M, ..., (width)] as one [n, P, width] (resp. ids [n, P]), P the
-    positions of all calls; `shaped` takes it as one call. The order of
-    positions does not matter: every part sums over them."""
-    if kind not in ("matmul", "take"):
-        raise ValueError(f"only matmul and take calls join; got {kind!r}")
+    positions of all calls; `shaped` takes it as one call of the same
+    kind. The order of positions does not matter: every part sums over
+    them."""
     trailing = 0 if ids else 1
     return tf.concat(
         [

@@ -405,10 +405,15 @@ class GhostKernel:
         )
         if saved >= GHOST_SHARE * dim:
             return True
+        return bool(methods) and self.rows_overflow(samples, memory_budget)
+
+    def rows_overflow(self, samples: Batch, memory_budget: int) -> bool:
+        """Whether the materialized rows of these samples [n, M, ...]
+        would not fit `memory_budget` in one chunk (an unknown n counts as
+        `ghost.ASSUMED_SAMPLES`)."""
         n = tf.nest.flatten(samples.x)[0].shape[0] or ghost.ASSUMED_SAMPLES
-        return bool(methods) and (
-            chunk_size(n, dim, memory_budget, check=False) < n
-        )
+        dim = self.function.dim
+        return chunk_size(n, dim, memory_budget, check=False) < n
 
     def stacked_signals(self, x, y, sample_weight):
         """`sample_signals` of every sample, stacked; inputs [n, M, ...]."""
@@ -447,8 +452,8 @@ class GhostKernel:
             position += count
             if _joins(calls):
                 kind = calls[0][0]
-                ins = [ghost.join_calls(ins, kind, ids=kind == "take")]
-                outs = [ghost.join_calls(outs, kind, ids=False)]
+                ins = [ghost.join_calls(ins, ids=kind == "take")]
+                outs = [ghost.join_calls(outs, ids=False)]
             joined_inputs += ins
             joined_grads += outs
         return tuple(joined_inputs), tuple(joined_grads), tuple(others)

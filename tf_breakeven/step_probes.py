@@ -219,12 +219,7 @@ def gram_engine(
     if method == "auto":
         budget = gradients_lib.DEFAULT_MEMORY_BUDGET
         if getattr(model, "fusable", False):
-            n = (
-                tf.nest.flatten(samples.x)[0].shape[0]
-                or ghost_lib.ASSUMED_SAMPLES
-            )
-            dim = kernel.function.dim
-            if gradients_lib.chunk_size(n, dim, budget, check=False) >= n:
+            if not kernel.rows_overflow(samples, budget):
                 return ghost_lib.MATERIALIZE
         elif not kernel.saves(samples, budget):
             return ghost_lib.MATERIALIZE
