@@ -23,9 +23,11 @@ first calls below pay only for the benchmark model), then:
   method=method).matvec(v)` (construction included) and 3 further
   `matvec` calls on the same operator;
 * or, in one more process: times the first `tfb.gradient_gram(model,
-  (x, y), microbatch_size=1, training=..., memory_budget=...)` and 3
-  further calls, `training=False` for models with BatchNormalization (the
-  library refuses M = 1 in training mode there), True otherwise, as in
+  (x, y), method=..., microbatch_size=1, training=..., memory_budget=...)`
+  and 3 further calls (`--gram_method`, default "auto": the engine it
+  chose is reported; `--methods=` with no value measures the Gram alone),
+  `training=False` for models with BatchNormalization (the library
+  refuses M = 1 in training mode there), True otherwise, as in
   `benchmarks/zoo.py`; `--memory_budget_mb` (default 16 GiB) is large
   enough for the rows of one chunk.
 
@@ -60,6 +62,12 @@ _METHODS = flags.DEFINE_list(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
 _CALLS = flags.DEFINE_integer("calls", 3, "Calls after the first (steady).")
+_GRAM_METHOD = flags.DEFINE_enum(
+    "gram_method",
+    "auto",
+    ["auto", "ghost", "materialize"],
+    "gradient_gram method (auto: its choice is reported).",
+)
 _BUDGET_MB = flags.DEFINE_integer(
     "memory_budget_mb", 16384, "gradient_gram memory_budget in MiB."
 )
@@ -100,6 +108,7 @@ def _worker(spec: str) -> dict:
     import tensorflow as tf
 
     import tf_breakeven as tfb
+    from tf_breakeven import gradients
     from tf_breakeven.functional import has_batch_norm
 
     name, what = spec.split(",")
@@ -124,12 +133,22 @@ def _worker(spec: str) -> dict:
                 return tfb.gradient_gram(
                     model,
                     (x, y),
+                    method=_GRAM_METHOD.value,
                     microbatch_size=1,
                     training=training,
                     memory_budget=budget,
                 )
 
             result["gram"] = _first_and_steady(gram, calls)
+            # The engine used, asked after the timed calls (it traces).
+            result["gram_method"] = gradients.sample_rows(
+                model,
+                (x, y),
+                method=_GRAM_METHOD.value,
+                microbatch_size=1,
+                training=training,
+                memory_budget=budget,
+            ).method
         else:
             method = what.removeprefix("hvp:")
             rng = np.random.default_rng(1)
@@ -192,6 +211,7 @@ def main(argv: list[str]) -> None:
                 f"--batch_size={_BATCH_SIZE.value}",
                 f"--calls={_CALLS.value}",
                 f"--memory_budget_mb={_BUDGET_MB.value}",
+                f"--gram_method={_GRAM_METHOD.value}",
             ]
             runs[what] = run = common.run_worker(__file__, args, _TIMEOUT.value)
             print(name, what, run, file=sys.stderr, flush=True)
@@ -203,7 +223,11 @@ def main(argv: list[str]) -> None:
             train_rows.append([name, what, *_cells(run, "train")])
         short = name.removeprefix("zoo:")
         gram = runs.pop("gram")
-        gram_cells = [*_cells(gram, "gram"), _ratio(gram, "gram")]
+        gram_cells = [
+            gram.get("gram_method", "?"),
+            *_cells(gram, "gram"),
+            _ratio(gram, "gram"),
+        ]
         for what, run in runs.items():
             params = run.get("params", gram.get("params", "?"))
             hvp_ratio = _ratio(run, "hvp")
@@ -214,6 +238,12 @@ def main(argv: list[str]) -> None:
             )
             verdicts.append(
                 _verdict(f"{short} {method} HVP trace / train trace", hvp_ratio)
+            )
+        if not runs:  # --methods= (empty): the Gram alone
+            nan = float("nan")
+            rows.append(
+                [short, gram.get("params", "?"), *_cells(gram, "train"), "-"]
+                + [nan, nan, nan, nan, *gram_cells]
             )
         verdicts.append(
             _verdict(f"{short} Gram trace / train trace", gram_cells[-1])
@@ -236,6 +266,7 @@ def main(argv: list[str]) -> None:
         "HVP steady s",
         "HVP trace s",
         "HVP trace / train trace",
+        "Gram engine",
         "Gram first s",
         "Gram steady s",
         "Gram trace s",
