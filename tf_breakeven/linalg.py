@@ -295,6 +295,15 @@ def _lanczos_residual(
     along the others, and a second pass runs only when the first removed a
     large part (Daniel, Gragg, Kaufman and Stewart's test), as after a
     breakdown.
+
+    Partial reorthogonalization (Simon 1984: orthogonalize against the
+    basis only when an estimate of the lost orthogonality passes
+    sqrt(eps)) was measured and rejected: with float32 Hessian-vector
+    products, which are symmetric only to their rounding, it gave the top
+    three Hessian eigenvalues of the zoo's SimpleCNN and MLP 1e-5 relative
+    errors (2.7e-8 with full reorthogonalization) at thresholds from
+    eps^(1/2) to eps^(3/4), and saved 20% of a step only where the HVP is
+    cheaper than the pass (the MLP).
     """
     previous = tf.maximum(j - 1, 0)
     beta_previous = tf.where(
