@@ -127,28 +127,18 @@ def _worker(spec: str) -> dict:
         if what == "gram":
             training = not has_batch_norm(model)
             result["gram_training"] = training
-            budget = _BUDGET_MB.value << 20
-
-            def gram():
-                return tfb.gradient_gram(
-                    model,
-                    (x, y),
-                    method=_GRAM_METHOD.value,
-                    microbatch_size=1,
-                    training=training,
-                    memory_budget=budget,
-                )
-
-            result["gram"] = _first_and_steady(gram, calls)
+            options = {
+                "method": _GRAM_METHOD.value,
+                "microbatch_size": 1,
+                "training": training,
+                "memory_budget": _BUDGET_MB.value << 20,
+            }
+            result["gram"] = _first_and_steady(
+                lambda: tfb.gradient_gram(model, (x, y), **options), calls
+            )
             # The engine used, asked after the timed calls (it traces).
-            result["gram_method"] = gradients.sample_rows(
-                model,
-                (x, y),
-                method=_GRAM_METHOD.value,
-                microbatch_size=1,
-                training=training,
-                memory_budget=budget,
-            ).method
+            rows = gradients.sample_rows(model, (x, y), **options)
+            result["gram_method"] = rows.method
         else:
             method = what.removeprefix("hvp:")
             rng = np.random.default_rng(1)
