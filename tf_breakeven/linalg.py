@@ -33,6 +33,13 @@ from tf_breakeven.validation import (
     check_nonnegative,
 )
 
+try:  # TensorFlow's own test for an XLA context (no public API has one)
+    from tensorflow.python.ops.control_flow_util import (
+        GraphOrParentsInXlaContext as _xla_context,
+    )
+except ImportError:  # pragma: no cover (then the XLA-safe ops everywhere)
+    _xla_context = None
+
 Matvec = Callable[[tf.Tensor], tf.Tensor]
 Seed = int | tf.Tensor
 
@@ -49,6 +56,10 @@ _BREAKDOWN_EPS_POWER = 2.0 / 3.0
 # vector below this fraction of its norm (Daniel, Gragg, Kaufman and
 # Stewart 1976: 1/sqrt(2)).
 _REORTHOGONALIZE_RATIO = 0.7071067811865476
+# Lanczos rows are padded to a multiple of this many entries (64 bytes of
+# float32, 128 of float64: Eigen's largest alignment) so that a leading
+# slice of the stacked basis starts aligned and shares its buffer.
+_ALIGN = 16
 # Random draws use only integer stateless samplers: TF's float samplers
 # (stateless_normal/uniform) give different streams eagerly and under XLA,
 # while the Philox integer streams agree bitwise.
@@ -241,26 +252,19 @@ def _finite_or_nan(value: tf.Tensor) -> tf.Tensor:
 
 
 def _project_out_rows(
-    vector: tf.Tensor, rows: tf.TensorArray, num_rows: tf.Tensor
+    vector: tf.Tensor, basis: tf.Tensor, num_rows: tf.Tensor
 ) -> tf.Tensor:
-    """One modified Gram-Schmidt pass against rows `0..num_rows - 1`.
+    """One classical Gram-Schmidt pass against rows `0..num_rows - 1` of
+    the stacked basis: two matrix products that read those rows once each.
 
-    The rows live in a `TensorArray`, read without copies, so a pass costs
-    reading the rows in use (and a step of Lanczos writes one row, never
-    the whole basis, which a stacked tensor would copy every step).
+    The rows are a leading slice of a basis whose row length is a multiple
+    of `_ALIGN` entries, which TensorFlow takes without a copy (a slice
+    along axis 0 that starts on an aligned address shares the buffer).
     """
-
-    def body(i, vector):
-        row = rows.read(i)
-        return i + 1, vector - tf.tensordot(row, vector, 1) * row
-
-    _, vector = tf.while_loop(
-        lambda i, _: i < num_rows,
-        body,
-        (tf.constant(0), vector),
-        maximum_iterations=rows.size(),
-    )
-    return vector
+    # Under XLA shapes are static: all rows (those past num_rows are zero).
+    rows = basis if _in_xla() else basis[:num_rows]
+    coefficients = tf.matmul(rows, vector[:, tf.newaxis])
+    return vector - tf.matmul(coefficients, rows, transpose_a=True)[0]
 
 
 def _unit_start(
@@ -286,15 +290,15 @@ def _unit_start(
 
 
 def _lanczos_residual(
-    w: tf.Tensor, alpha: tf.Tensor, j: tf.Tensor, rows: tf.TensorArray, betas
+    w: tf.Tensor, alpha: tf.Tensor, j: tf.Tensor, basis: tf.Tensor, betas
 ) -> tf.Tensor:
     """`w = A v_j` made orthogonal to the Lanczos vectors `v_0..v_j`.
 
     The three-term recurrence removes the large components along v_j and
-    v_{j-1}; one pass over the rows in use then removes what rounding left
-    along the others, and a second pass runs only when the first removed a
-    large part (Daniel, Gragg, Kaufman and Stewart's test), as after a
-    breakdown.
+    v_{j-1}; one classical Gram-Schmidt pass over the rows in use then
+    removes what rounding left along the others, and a second pass runs
+    only when the first removed a large part (Daniel, Gragg, Kaufman and
+    Stewart's test, as in ARPACK), as after a breakdown.
 
     Partial reorthogonalization (Simon 1984: orthogonalize against the
     basis only when an estimate of the lost orthogonality passes
@@ -309,33 +313,58 @@ def _lanczos_residual(
     beta_previous = tf.where(
         j > 0, tf.gather(betas, previous), tf.zeros([], w.dtype)
     )
-    w = w - alpha * rows.read(j)
-    w = w - beta_previous * rows.read(previous)
+    w = w - alpha * basis[j]
+    w = w - beta_previous * basis[previous]
     norm_before = tf.norm(w)
-    w = _project_out_rows(w, rows, j + 1)
+    w = _project_out_rows(w, basis, j + 1)
     return tf.cond(
         tf.norm(w) < _REORTHOGONALIZE_RATIO * norm_before,
-        lambda: _project_out_rows(w, rows, j + 1),
+        lambda: _project_out_rows(w, basis, j + 1),
         lambda: w,
     )
 
 
 def _fresh_direction(
-    rows: tf.TensorArray,
+    basis: tf.Tensor,
     num_rows: tf.Tensor,
     seed: tf.Tensor,
-    like: tf.Tensor,
+    dim: int,
     subspace: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """A seeded random unit vector orthogonal to the first `num_rows` rows
     (a restart), inside `subspace` when given: Gram-Schmidt twice ("twice
-    is enough")."""
-    fresh = _normal(like.shape, seed, like.dtype)
+    is enough"); padded like the rows."""
+    fresh = _normal([dim], seed, basis.dtype)
     if subspace is not None:
         fresh = fresh * subspace
+    fresh = _padded(fresh, basis.shape[1])
     for _ in range(2):
-        fresh = _project_out_rows(fresh, rows, num_rows)
+        fresh = _project_out_rows(fresh, basis, num_rows)
     return tf.math.divide_no_nan(fresh, tf.norm(fresh))
+
+
+def _in_xla() -> bool:
+    """Whether the graph being built is compiled by XLA (`jit_compile`,
+    TPU)."""
+    if _xla_context is None:
+        return True
+    return bool(_xla_context(tf.compat.v1.get_default_graph()))
+
+
+def _write_row(basis: tf.Tensor, j: tf.Tensor, row: tf.Tensor) -> tf.Tensor:
+    """`basis` with row j replaced: in place where TensorFlow can reuse the
+    buffer (`InplaceUpdate`; a scatter would copy the whole basis,
+    docs/pitfalls.md#P28), a dynamic update slice under XLA (which has no
+    InplaceUpdate and updates loop state in place itself)."""
+    if _in_xla():
+        return tf.tensor_scatter_nd_update(basis, [[j]], row[tf.newaxis])
+    return tf.raw_ops.InplaceUpdate(x=basis, i=[j], v=row[tf.newaxis])
+
+
+def _padded(vector: tf.Tensor, width: int) -> tf.Tensor:
+    """`vector` [dim] with zeros appended up to `width`."""
+    extra = width - vector.shape[0]
+    return tf.pad(vector, [[0, extra]]) if extra else vector
 
 
 def _lanczos(
@@ -373,15 +402,16 @@ def _lanczos(
         masked = v0 * subspace
         v0 = tf.math.divide_no_nan(masked, tf.norm(masked))
     # One spare row so that step j can always store v_{j+1} (it is dropped).
-    basis = tf.TensorArray(
-        dtype, size=m + 1, element_shape=[dim], clear_after_read=False
-    ).write(0, v0)
+    # Rows padded to a multiple of _ALIGN entries: their leading slices
+    # are then views, and `_write_row` writes a row without copying.
+    width = -(-dim // _ALIGN) * _ALIGN
+    basis = _write_row(tf.zeros([m + 1, width], dtype), 0, _padded(v0, width))
     alphas = tf.zeros([m], dtype)
     betas = tf.zeros([m], dtype)
 
     def body(j, basis, alphas, betas, anorm, done):
-        v = basis.read(j)
-        w = _apply(matvec, v, dim)
+        v = basis[j]
+        w = _padded(_apply(matvec, v[:dim], dim), width)
         alpha = tf.tensordot(v, w, 1)
         anorm = tf.maximum(anorm, tf.norm(w))
         w = _lanczos_residual(w, alpha, j, basis, betas)
@@ -393,12 +423,12 @@ def _lanczos(
         v_next, beta = tf.cond(
             beta <= rtol * anorm,
             lambda: (
-                _fresh_direction(basis, j + 1, restart_seed, w, subspace),
+                _fresh_direction(basis, j + 1, restart_seed, dim, subspace),
                 tf.zeros_like(beta),
             ),
             lambda: (w / beta, beta),
         )
-        basis = basis.write(j + 1, v_next)
+        basis = _write_row(basis, j + 1, v_next)
         alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [alpha])
         betas = tf.tensor_scatter_nd_update(betas, [[j]], [beta])
         if stop is not None:
@@ -418,7 +448,7 @@ def _lanczos(
         ),
         maximum_iterations=m,
     )
-    return LanczosResult(alphas, betas, basis.stack()[:m]), steps
+    return LanczosResult(alphas, betas, basis[:m, :dim]), steps
 
 
 def lanczos(
@@ -433,11 +463,12 @@ def lanczos(
     """Lanczos tridiagonalization with full reorthogonalization.
 
     Each new vector has the three-term recurrence subtracted and is then
-    orthogonalized against every earlier Lanczos vector by one modified
+    orthogonalized against every earlier Lanczos vector by one classical
     Gram-Schmidt pass (a second one when the first removed more than
-    1 - 1/sqrt(2) of its norm); the vectors are kept in a `TensorArray`,
-    so a step costs reading the vectors so far, not copying the basis. When the
-    residual vanishes (the Krylov space is invariant, e.g. for repeated or
+    1 - 1/sqrt(2) of its norm, as in ARPACK); the vectors are rows of one
+    stacked basis updated in place, so a pass is two matrix products that
+    read the vectors so far once each, and no step copies the basis. When
+    the residual vanishes (the Krylov space is invariant, e.g. for repeated or
     zero eigenvalues), the beta is set to 0 and the iteration continues from
     a fresh seeded random vector orthogonal to the basis, so
     `num_iterations == dim` recovers the whole spectrum including
