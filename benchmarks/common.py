@@ -254,6 +254,19 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict:
+    """`{key: [seconds per round]}`: one untimed first call of each, then
+    `repeats` rounds calling every function once (in the same round, so
+    ratios of two calls cancel drifts in the load of a shared machine)."""
+    for fn in calls.values():
+        timed(fn)
+    times = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            times[key].append(timed(fn))
+    return times
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

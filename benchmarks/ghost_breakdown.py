@@ -57,9 +57,7 @@ def _batched_signals(kernel):
             tape.watch(params)
             recorder = ghost.Recorder(fn.variables, kernel.allowed, tape)
             with recorder.active():
-                losses, _, _ = fn.losses_and_regularization(
-                    params, state, x, y
-                )
+                losses, _, _ = fn.losses_and_regularization(params, state, x, y)
             total = tf.reduce_sum(losses)
         calls = [c for i in sorted(recorder.calls) for c in recorder.calls[i]]
         others = [params[i] for i in kernel.others]
@@ -139,12 +137,7 @@ def main(argv):
     for name in _MODELS.value:
         calls, model = _calls(name)
         kept.append(model)
-        for fn in calls.values():
-            common.timed(fn)
-        times = {key: [] for key in calls}
-        for _ in range(_REPEATS.value):
-            for key, fn in calls.items():
-                times[key].append(common.timed(fn))
+        times = common.interleaved(calls, _REPEATS.value)
         for key, values in times.items():
             ratio = [t / g for t, g in zip(values, times["grad"])]
             rows.append(

@@ -90,12 +90,7 @@ def main(argv):
     del argv
     print(common.load_line())
     calls, models = _calls()
-    for fn in calls.values():
-        common.timed(fn)
-    times = {key: [] for key in calls}
-    for _ in range(_REPEATS.value):
-        for key, fn in calls.items():
-            times[key].append(common.timed(fn))
+    times = common.interleaved(calls, _REPEATS.value)
     m = _ITERATIONS.value
     rows = [["solver alone, per step", _DIM.value, "", "", 1e3 * common.median(
         times["solver"]) / m, "", ""]]  # fmt: skip
