@@ -161,3 +161,43 @@ def test_auto_takes_ghost_where_its_kernels_hold_the_parameters():
     for name in ("mlp", "embedding"):
         model = build(name)
         assert gradients.sample_rows(model, data_for(name)).method == "ghost"
+
+
+@pytest.mark.parametrize(
+    "method,budget",
+    [
+        ("sparse", 2**31),
+        ("sparse", 8 * 4 * 3 * 5),
+        ("ghost", 2**31),
+        ("materialize", 2**31),
+    ],
+)
+def test_embedding_part_equals_a_loop_over_samples(method, budget):
+    # Ids with repeats inside a sample and tokens shared by some samples
+    # only; a budget of 5 pairs per chunk runs the shared-token product in
+    # many chunks.
+    from tf_breakeven import ghost
+
+    rng = np.random.default_rng(3)
+    n, positions, vocabulary, width = 6, 5, 7, 3
+    ids = rng.integers(0, vocabulary, (n, positions)).astype("int32")
+    ids[0, :2] = ids[0, 2]
+    ids[4] = 6
+    b = rng.normal(size=(n, positions, width)).astype("float32")
+    per_sample = np.zeros((n, vocabulary, width))
+    for i in range(n):
+        np.add.at(per_sample[i], ids[i], b[i].astype("float64"))
+    flat = per_sample.reshape(n, -1)
+    layer = ghost.Layer(
+        index=0,
+        kind="take",
+        options={},
+        shape=(vocabulary, width),
+        n=n,
+        positions=positions,
+        d_in=vocabulary,
+        d_out=width,
+    )
+    got = ghost.layer_gram(layer, ids, b, method, memory_budget=budget)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, flat @ flat.T, rtol=1e-6, atol=1e-6)

@@ -466,7 +466,10 @@ def _shared_token_gram(layer: Layer, ids, b, memory_budget) -> tf.Tensor:
 
     Sample i's gradient has one row per distinct token v it contains,
     E_iv = sum of its b's at v; G_ij = sum_v E_iv . E_jv runs over the
-    pairs (i, v), (j, v) only, in chunks of pairs that fit the budget.
+    pairs (i, v), (j, v) with i <= j only (G is symmetric), in chunks of
+    pairs that fit the budget. The rows and their dot products stay in
+    b's precision (at least float32), like `_self_products`; the sums
+    over tokens are float64.
     """
     n, (vocabulary, width) = tf.shape(b)[0], layer.shape
     keys = (
@@ -474,32 +477,40 @@ def _shared_token_gram(layer: Layer, ids, b, memory_budget) -> tf.Tensor:
         + vocabulary * tf.range(tf.cast(n, tf.int64))[:, tf.newaxis]
     )
     unique, position = tf.unique(tf.reshape(keys, [-1]))
-    rows = tf.math.unsorted_segment_sum(
-        tf.reshape(b, [-1, width]), position, tf.size(unique)
-    )
+    flat_b = tf.reshape(b, [-1, width])
+    if flat_b.dtype.size < 4:
+        flat_b = tf.cast(flat_b, tf.float32)
+    rows = tf.math.unsorted_segment_sum(flat_b, position, tf.size(unique))
+    # Keys are sample-major, and tf.unique keeps their first occurrence:
+    # a stable sort by token leaves each token's samples ascending.
     order = tf.argsort(unique % vocabulary, stable=True)
     token = tf.gather(unique % vocabulary, order)
-    sample = tf.gather(unique // vocabulary, order)
-    rows = tf.cast(tf.gather(rows, order), tf.float64)
+    sample = tf.cast(tf.gather(unique // vocabulary, order), tf.int32)
+    rows = tf.gather(rows, order)
     pairs = tf.ragged.range(
-        tf.searchsorted(token, token, side="left"),
+        tf.range(tf.size(token)),
         tf.searchsorted(token, token, side="right"),
     )
     first, second = pairs.value_rowids(), tf.cast(pairs.flat_values, tf.int64)
-    chunk = max(1, int(memory_budget) // (32 * width))
+    cell = tf.gather(sample, first) * n + tf.gather(sample, second)
+    chunk = max(1, int(memory_budget) // (8 * flat_b.dtype.size * width))
 
-    def add(start, gram):
+    def add(start, upper):
         f, s = first[start : start + chunk], second[start : start + chunk]
         dots = tf.reduce_sum(tf.gather(rows, f) * tf.gather(rows, s), -1)
-        where = tf.stack([tf.gather(sample, f), tf.gather(sample, s)], 1)
-        return start + chunk, tf.tensor_scatter_nd_add(gram, where, dots)
+        return start + chunk, upper + tf.math.unsorted_segment_sum(
+            tf.cast(dots, tf.float64), cell[start : start + chunk], n * n
+        )
 
-    _, gram = tf.while_loop(
+    _, upper = tf.while_loop(
         lambda start, _: start < tf.size(second, tf.int64),
         add,
-        (tf.constant(0, tf.int64), tf.zeros([n, n], tf.float64)),
+        (tf.constant(0, tf.int64), tf.zeros([n * n], tf.float64)),
     )
-    return gram
+    upper = tf.reshape(upper, [n, n])
+    return (
+        upper + tf.transpose(upper) - tf.linalg.diag(tf.linalg.diag_part(upper))
+    )
 
 
 # Each sample's kernel gradient sum_p a_ip b_ip^T, [n, d_in, d_out]. XLA
