@@ -13,14 +13,13 @@ from conftest import (
     fd_hvp,
     flat,
     jacobian_hessian,
-    plain_gradient,
     rel_err,
     twin,
     unflat,
 )
 
 import tf_breakeven as tfb
-from tf_breakeven import functional, linalg
+from tf_breakeven import functional
 
 
 def _random_vector(model, rng):
@@ -160,12 +159,7 @@ def test_full_lanczos_recovers_the_whole_spectrum():
 def test_top_and_bottom_eigenpairs_match_eigh_in_float32():
     model32, _, (x, y), (eigenvalues, eigenvectors) = _spectrum_case()
     data = (x.astype("float32"), y)
-    # The default tolerance (1e-2) bounds each error by its residual.
-    default = tfb.hessian_eigenpairs(model32, data, k=2)
-    errors = np.abs(default.eigenvalues - eigenvalues[::-1][:2])
-    assert np.all(errors <= default.residuals)
-    assert np.all(default.residuals <= 1e-2 * default.eigenvalues)
-    top = tfb.hessian_eigenpairs(model32, data, k=2, tol=1e-5)
+    top = tfb.hessian_eigenpairs(model32, data, k=2)
     np.testing.assert_allclose(
         top.eigenvalues, eigenvalues[::-1][:2], rtol=1e-4
     )
@@ -437,55 +431,3 @@ def test_every_layer_block_shares_one_compiled_solver(monkeypatch):
         assert got[layer.name][0] == pytest.approx(want, rel=1e-9)
         start += size
     assert len(got) == 2 and len(traces) == 1
-
-
-def test_top_eigenpairs_start_from_the_gradient_plus_a_random_vector():
-    _, model64, (x, y), (eigenvalues, _) = _spectrum_case()
-    hessian = jacobian_hessian(model64, x, y, training=True)
-    gradient = plain_gradient(
-        model64, model64.trainable_variables, x, y, training=True
-    )
-    dim = gradient.size
-    random = np.asarray(
-        linalg.hinted_start(tf.zeros([dim], tf.float64), dim, 4, tf.float64)
-    )
-    start = gradient / np.linalg.norm(gradient) + random
-    start /= np.linalg.norm(start)
-    # One step: the Ritz value is the start's Rayleigh quotient.
-    one = dict(k=1, num_iterations=1, tol=0.0, seed=4)
-    for how, vector in (
-        ("auto", start),
-        ("gradient", start),
-        ("random", random),
-    ):
-        got = tfb.hessian_eigenvalues(model64, (x, y), start=how, **one)
-        np.testing.assert_allclose(got, [vector @ hessian @ vector], rtol=1e-10)
-    smallest = tfb.hessian_eigenvalues(model64, (x, y), which="smallest", **one)
-    np.testing.assert_allclose(
-        smallest, [random @ hessian @ random], rtol=1e-10
-    )
-    # Converged, every start gives the top of the spectrum.
-    for how in ("gradient", "random"):
-        top = tfb.hessian_eigenvalues(
-            model64, (x, y), k=2, start=how, tol=1e-8, num_iterations=40
-        )
-        np.testing.assert_allclose(top, eigenvalues[::-1][:2], rtol=1e-8)
-
-
-def test_a_gradient_start_needs_an_operator_with_a_gradient():
-    from tf_breakeven import spectrum
-
-    class Diagonal:
-        dim, dtype, jit_compile = 3, tf.float64, False
-        shapes = [tf.TensorShape([3])]
-
-        def flat_matvec(self, vector):
-            return tf.constant([1.0, 2.0, 3.0], tf.float64) * vector
-
-    top = spectrum.eigenpairs(Diagonal(), k=1, tol=1e-10)  # auto: random
-    np.testing.assert_allclose(top.eigenvalues, [3.0], rtol=1e-10)
-    with pytest.raises(ValueError, match="start='random'"):
-        spectrum.eigenpairs(Diagonal(), k=1, start="gradient")
-    model = build("mlp")
-    with pytest.raises(ValueError, match="start"):
-        tfb.hessian_eigenvalues(model, data_for("mlp"), start="gradients")

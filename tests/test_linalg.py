@@ -939,33 +939,3 @@ def test_eigsh_subspaces_share_one_trace():
         want = np.linalg.eigvalsh(matrix[np.ix_(chosen, chosen)])[-1]
         assert float(got) == pytest.approx(want, rel=1e-10)
     assert solve.experimental_get_tracing_count() == 1
-
-
-def test_hinted_start_is_the_unit_hint_plus_the_random_start():
-    dim = 40
-    hint = tf.constant(7.0 * np.random.default_rng(0).normal(size=dim))
-    random = linalg.hinted_start(
-        tf.zeros([dim], tf.float64), dim, 3, tf.float64
-    )
-    # The random half is the start a Lanczos run without a vector takes.
-    cold = linalg.lanczos(
-        _matvec(np.eye(dim)), dim, 1, seed=3, dtype=tf.float64
-    )
-    np.testing.assert_allclose(
-        random.numpy(), cold.basis[0].numpy(), atol=1e-15
-    )
-    got = linalg.hinted_start(hint, dim, 3, tf.float64)
-    want = hint.numpy() / np.linalg.norm(hint.numpy()) + random.numpy()
-    np.testing.assert_allclose(got.numpy(), want, atol=1e-15)
-    # A diverged (NaN) hint gives the random start alone.
-    nan = tf.fill([dim], tf.constant(np.nan, tf.float64))
-    np.testing.assert_array_equal(
-        linalg.hinted_start(nan, dim, 3, tf.float64).numpy(), random.numpy()
-    )
-    # In a subspace both halves are masked before they are normalized.
-    mask = np.zeros(dim)
-    mask[5:15] = 1.0
-    masked = linalg.hinted_start(hint, dim, 3, tf.float64, subspace=mask)
-    parts = [hint.numpy() * mask, random.numpy() * mask]
-    want = sum(p / np.linalg.norm(p) for p in parts)
-    np.testing.assert_allclose(masked.numpy(), want, atol=1e-15)

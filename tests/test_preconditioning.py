@@ -12,7 +12,6 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import (
     assert_unchanged,
     build,
@@ -26,7 +25,7 @@ from conftest import (
 )
 
 import tf_breakeven as tfb
-from tf_breakeven import linalg, preconditioning, stability
+from tf_breakeven import preconditioning, stability
 from tf_breakeven.callbacks import Probe, StabilityMeasurement, TopEigenpairs
 
 N = 12
@@ -372,24 +371,3 @@ def test_mixed_precision_reads_p_through_the_loss_scale_optimizer():
     assert preconditioning.threshold(model.optimizer) == pytest.approx(
         38 / _lr(adam)
     )
-
-
-def test_the_gradient_start_is_the_preconditioned_gradient():
-    # One Lanczos step: the Ritz value is the Rayleigh quotient of the
-    # start, the unit P^-1/2 g plus the unit random start.
-    model, (x, y), _, _ = _trained(keras.optimizers.Adam(0.01), steps=4)
-    scale = 1 / np.sqrt(_reference_p(model))
-    matrix = scale[:, None] * jacobian_hessian(model, x, y, True) * scale[None]
-    gradient = scale * plain_gradient(
-        model, model.trainable_variables, x, y, True
-    )
-    dim = gradient.size
-    random = np.asarray(
-        linalg.hinted_start(tf.zeros([dim], tf.float64), dim, 0, tf.float64)
-    )
-    start = gradient / np.linalg.norm(gradient) + random
-    start /= np.linalg.norm(start)
-    got = tfb.preconditioned_hessian_eigenvalues(
-        model, (x, y), k=1, num_iterations=1, tol=0.0
-    )
-    np.testing.assert_allclose(got, [start @ matrix @ start], rtol=1e-10)

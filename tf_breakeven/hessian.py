@@ -577,7 +577,6 @@ def hessian_eigenpairs(
     tol: float = spectrum.DEFAULT_TOL,
     seed: int = 0,
     start_vector: Sequence[Any] | None = None,
-    start: str = "auto",
     loss: LossLike = None,
     training: bool = True,
     include_regularization: bool = True,
@@ -594,9 +593,7 @@ def hessian_eigenpairs(
     stopping once every pair's residual is below `tol` relative to its
     eigenvalue (default 1e-2; `tol=0.0` runs all `num_iterations`); see
     `spectrum.eigenpairs` and `linalg.eigsh` (default number of
-    iterations). Calls on data of the same shapes reuse one trace. For the
-    top eigenpairs Lanczos starts from the loss gradient plus a random
-    vector (`start`, see `spectrum.eigenpairs`).
+    iterations). Calls on data of the same shapes reuse one trace.
 
     Args:
         blocks: None for the whole Hessian; "layer" (one block per
@@ -623,7 +620,6 @@ def hessian_eigenpairs(
         "num_iterations": num_iterations,
         "tol": tol,
         "seed": seed,
-        "start": start,
     }
     if blocks is None:
         op = HessianOperator(model, data, **options)

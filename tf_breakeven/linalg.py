@@ -286,42 +286,6 @@ def _unit_start(
     return tf.where(norm > 0, tf.math.divide_no_nan(start, norm), random)
 
 
-def hinted_start(
-    hint: tf.Tensor,
-    dim: int,
-    seed: Seed = 0,
-    dtype: Any = tf.float32,
-    subspace: tf.Tensor | None = None,
-) -> tf.Tensor:
-    """A start vector for Lanczos: the unit `hint` plus the unit random
-    start of `seed` (the one a start without a vector uses), in
-    `subspace` when given.
-
-    A hint close to the wanted eigenvectors (for the top of a Hessian: the
-    loss gradient, which lies mostly in the top eigenspace) cuts the steps
-    to convergence; the random half keeps every eigenvector in the Krylov
-    space (from a hint nearly orthogonal to the top eigenvector, Lanczos
-    converges to the next eigenvalue instead) and costs at most a factor 2
-    in the hint's squared overlap. A zero or non-finite hint gives the
-    random start alone.
-
-    References:
-        Gur-Ari, Roberts and Dyer, Gradient descent happens in a tiny
-        subspace (2018): the gradient lies mostly in the top eigenspace.
-    """
-    dtype = _check_dtype(dtype)
-    random = _normal([dim], _seed(seed, 0), dtype)
-    hint = tf.reshape(tf.cast(hint, dtype), [dim])
-    if subspace is not None:
-        subspace = tf.cast(subspace, dtype)
-        random, hint = random * subspace, hint * subspace
-    random = tf.math.divide_no_nan(random, tf.norm(random))
-    norm = tf.norm(hint)
-    usable = tf.logical_and(tf.math.is_finite(norm), norm > 0)
-    hint = tf.where(usable, tf.math.divide_no_nan(hint, norm), 0.0)
-    return random + hint
-
-
 # ----------------------------------------------------------------- Lanczos
 
 

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_breakeven import linalg, spectrum, stability
+from tf_breakeven import spectrum, stability
 from tf_breakeven.functional import LossLike
 from tf_breakeven.hessian import HessianKernel, HessianOperator
 from tf_breakeven.validation import ArgumentError
@@ -230,12 +230,6 @@ class PreconditionedOperator:
         """d * H (d * v) on a flat vector."""
         return self.scale * self.operator.flat_matvec(self.scale * vector)
 
-    def gradient(self) -> list[tf.Tensor]:
-        """`d * g`: the loss gradient in the coordinates `d^{-1} theta` in
-        which this operator is the Hessian (Lanczos' gradient start)."""
-        flat = self.scale * linalg.flatten_tensors(self.operator.gradient())
-        return linalg.unflatten_tensors(flat, self.shapes)
-
     def solver_inputs(self) -> tuple[HessianKernel, tuple, Any]:
         kernel, key, batches = self.operator.solver_inputs()
         return kernel, key + ("preconditioned",), (batches, self.scale)
@@ -257,7 +251,6 @@ def preconditioned_hessian_eigenpairs(
     tol: float = spectrum.DEFAULT_TOL,
     seed: int = 0,
     start_vector: Sequence[Any] | None = None,
-    start: str = "auto",
     loss: LossLike = None,
     training: bool = True,
     include_regularization: bool = True,
@@ -270,10 +263,9 @@ def preconditioned_hessian_eigenpairs(
     Args:
         model, data: the model and the probe set of its Hessian H.
         optimizer: Adam, AdamW or RMSprop; None for `model.optimizer`.
-        k, num_iterations, tol, seed, start_vector, start: see
-            `spectrum.eigenpairs` (the eigenvectors, and the gradient of
-            the gradient start, live in the preconditioned coordinates:
-            `u = P^{1/2} e`, `P^{-1/2} g`).
+        k, num_iterations, tol, seed, start_vector: see
+            `spectrum.eigenpairs` (the eigenvectors live in the
+            preconditioned coordinates, `u = P^{1/2} e`).
         loss, training, include_regularization, method, jit_compile: see
             `HessianOperator`.
 
@@ -297,7 +289,6 @@ def preconditioned_hessian_eigenpairs(
         tol=tol,
         seed=seed,
         start_vector=start_vector,
-        start=start,
     )
 
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tf_breakeven import linalg
 from tf_breakeven.functional import check_vector, measurement_warning
-from tf_breakeven.validation import ArgumentError, check_choice, check_int
+from tf_breakeven.validation import check_choice, check_int
 
 
 class Operator(Protocol):
@@ -85,8 +85,7 @@ class Eigenpairs(_Pairs):
 # Default relative residual at which `eigenpairs` stops. Every returned
 # eigenvalue is then within 1e-2 relative of an eigenvalue of the operator
 # (the rigorous bound); its actual error is about residual^2 / gap, which
-# BENCHMARKS.md (section 14) measures at 2.1e-4 and 1.1e-5 on the zoo's
-# SimpleCNN and ResNet-32.
+# BENCHMARKS.md measures at 1e-4 or below on the zoo's SimpleCNN and ResNet-32.
 DEFAULT_TOL = 1e-2
 
 _SOLVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -154,7 +153,6 @@ def eigenpairs(
     tol: float = DEFAULT_TOL,
     seed: int = 0,
     start_vector: Sequence[Any] | None = None,
-    start: str = "auto",
 ) -> Eigenpairs:
     """Top or bottom k eigenpairs by Lanczos (see `linalg.eigsh`).
 
@@ -175,15 +173,6 @@ def eigenpairs(
         seed: seed of the random start vector.
         start_vector: a warm start shaped like the trainable variables
             (e.g. the previous top eigenvector).
-        start: without `start_vector`, where Lanczos starts: "gradient"
-            (the operator's `gradient()`, the loss gradient of a
-            `HessianOperator`, plus the seeded random vector:
-            `linalg.hinted_start`), "random" (the seeded random vector), or
-            "auto": "gradient" for `which="largest"` on an operator with a
-            `gradient` method, else "random". The gradient lies mostly in
-            the top eigenspace of the Hessian; one gradient (about 0.4 of
-            an HVP) halved the steps to the default tolerance on the zoo's
-            SimpleCNN and ResNet-32 (BENCHMARKS.md section 14).
 
     An operator with a `subspace` attribute (a flat 0/1 tensor, among its
     `solver_inputs`) is solved restricted to those coordinates
@@ -195,39 +184,20 @@ def eigenpairs(
     )
     tol = linalg.check_tol(tol)
     options = {"which": which, "num_iterations": num_iterations, "tol": tol}
-    from_gradient = _gradient_start(operator, start, which)
 
-    def run(op, start_vector=None):
-        subspace = getattr(op, "subspace", None)
-        if start_vector is None and from_gradient:
-            start_vector = linalg.hinted_start(
-                linalg.flatten_tensors(op.gradient()),
-                op.dim,
-                seed,
-                op.dtype,
-                subspace=subspace,
-            )
+    def run(op, start=None):
         return linalg.eigsh(
             op.flat_matvec,
             op.dim,
             k,
-            start_vector=start_vector,
+            start_vector=start,
             seed=seed,
             dtype=op.dtype,
-            subspace=subspace,
+            subspace=getattr(op, "subspace", None),
             **options,
         )
 
-    key = (
-        "eigsh",
-        k,
-        which,
-        num_iterations,
-        tol,
-        seed,
-        start_vector is None,
-        from_gradient,
-    )
+    key = ("eigsh", k, which, num_iterations, tol, seed, start_vector is None)
     solver = compiled_solver(operator, key, run)
     if start_vector is None:
         result = solver()
@@ -247,25 +217,6 @@ def eigenpairs(
         num_iterations=int(result.num_iterations),
         tol=tol,
     )
-
-
-START_METHODS = ("auto", "gradient", "random")
-
-
-def _gradient_start(operator: Operator, start: str, which: str) -> bool:
-    """Whether a start without a vector is `linalg.hinted_start` of the
-    operator's gradient (see `eigenpairs`)."""
-    start = check_choice("start", start, START_METHODS)
-    has_gradient = callable(getattr(operator, "gradient", None))
-    if start == "gradient" and not has_gradient:
-        raise ArgumentError(
-            f"start='gradient' needs an operator with a `gradient()` method "
-            f"(a HessianOperator); {type(operator).__name__} has none: pass "
-            "start='random' or a start_vector."
-        )
-    if start == "auto":
-        return has_gradient and which == "largest"
-    return start == "gradient"
 
 
 TRACE_METHODS = ("hutch++", "hutchinson")
