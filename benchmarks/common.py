@@ -20,6 +20,9 @@ names carry their sequence length where there is one:
   `ZOO` (these follow the zoo, so their numbers may change with it), and
   `zoo:wrn28_10` (`LARGE`: WideResNet-28-10, 36.5M parameters, named
   explicitly, not in the zoo table's default list).
+* `peers:simple_cnn`, `peers:resnet32`: the zoo models `benchmarks/peers.py`
+  compares with their PyTorch twins (`peer_model`: dropout off, seeded
+  random BatchNormalization moving statistics; `peer_batch`: 10 classes).
 
 Every model is compiled with sparse categorical cross-entropy on logits.
 """
@@ -169,6 +172,46 @@ def _zoo(name: str, batch_size: int, rng) -> tuple[Any, Any]:
     return model, rng.normal(size=shape).astype("float32")
 
 
+def peer_model(name: str, seed: int, tiny: bool = False) -> keras.Model:
+    """A zoo model as `benchmarks/peers.py` builds it in every process.
+
+    "simple_cnn" (dropout off) or "resnet32" at 32x32x3 (10x10x3 and a few
+    hundred parameters with `tiny`), 10 classes, compiled with the loss
+    only; the BatchNormalization moving statistics are seeded random, so
+    inference-mode BN is not the identity.
+    """
+    from tf_breakeven import models
+
+    keras.utils.set_random_seed(seed)
+    shape = (10, 10, 3) if tiny else (32, 32, 3)
+    if name == "simple_cnn":
+        extra = {"filters": (4, 8), "dense_units": 16} if tiny else {}
+        extra |= {"conv_dropout": 0.0, "dense_dropout": 0.0}
+    elif name == "resnet32":
+        extra = {"depth": 8, "base_filters": 4} if tiny else {}
+    else:
+        raise ValueError(f"Unknown peer model {name!r}: simple_cnn/resnet32.")
+    model = models.get_model(name, num_classes=10, input_shape=shape, **extra)
+    model.compile(
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            rng = np.random.default_rng(len(layer.name))
+            size = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0, 0.1, size))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, size))
+    return model
+
+
+def peer_batch(model, batch_size: int, seed: int) -> tuple[Any, Any]:
+    """`peer_model`'s batch: NHWC float32 images, int32 labels (numpy)."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, *model.input_shape[1:])
+    x = rng.normal(size=shape).astype("float32")
+    return x, rng.integers(0, 10, batch_size).astype("int32")
+
+
 def build(name: str, batch_size: int, seed: int = 0) -> tuple[Any, Any, Any]:
     """Builds a compiled benchmark model and one random batch for it.
 
@@ -180,6 +223,10 @@ def build(name: str, batch_size: int, seed: int = 0) -> tuple[Any, Any, Any]:
     Returns:
         `(model, x, y)` with `x`, `y` tensors (a dict `x` for BERT).
     """
+    if name.startswith("peers:"):
+        model = peer_model(name.removeprefix("peers:"), seed)
+        x, y = peer_batch(model, batch_size, seed)
+        return model, tf.constant(x), tf.constant(y)
     match = _MODEL_NAME.match(name)
     if not (match or name.startswith("zoo:")):
         raise ValueError(f"Unknown model {name!r}; see benchmarks/common.py.")

@@ -109,44 +109,14 @@ def _missing() -> list[str]:
 
 def _keras_model(name: str, tiny: bool):
     """The Keras model, built the same way in every process."""
-    import keras
-
-    from tf_breakeven import models
-
-    keras.utils.set_random_seed(_SEED.value)
-    shape = (10, 10, 3) if tiny else (32, 32, 3)
-    if name == "simple_cnn":
-        extra = {"filters": (4, 8), "dense_units": 16} if tiny else {}
-        extra |= {"conv_dropout": 0.0, "dense_dropout": 0.0}
-        model = models.get_model(
-            name, num_classes=10, input_shape=shape, **extra
-        )
-    elif name == "resnet32":
-        extra = {"depth": 8, "base_filters": 4} if tiny else {}
-        model = models.get_model(
-            name, num_classes=10, input_shape=shape, **extra
-        )
-    else:
+    if name not in ("simple_cnn", "resnet32"):
         raise app.UsageError(f"--models: {name!r} is not simple_cnn/resnet32")
-    model.compile(
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    # Non-trivial moving statistics, so inference-mode BN is not identity.
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            rng = np.random.default_rng(len(layer.name))
-            size = layer.moving_mean.shape
-            layer.moving_mean.assign(rng.normal(0, 0.1, size))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, size))
-    return model
+    return common.peer_model(name, _SEED.value, tiny)
 
 
 def _data(model) -> tuple[np.ndarray, np.ndarray]:
     """The batch (NHWC images, int32 labels), from --seed."""
-    rng = np.random.default_rng(_SEED.value)
-    n = _BATCH_SIZE.value
-    x = rng.normal(size=(n, *model.input_shape[1:])).astype("float32")
-    return x, rng.integers(0, 10, n).astype("int32")
+    return common.peer_batch(model, _BATCH_SIZE.value, _SEED.value)
 
 
 def _weights_hash(model) -> str:
