@@ -50,11 +50,14 @@ _TOL = 1e-2  # the library's default tolerance
 
 def _ritz_by_step(alphas, betas) -> list[tuple[float, float]]:
     """(top Ritz value, its residual bound) after each step, float64."""
+    from tf_breakeven import linalg
+
     out = []
     for m in range(1, len(alphas) + 1):
-        tridiagonal = np.diag(alphas[:m])
-        tridiagonal += np.diag(betas[: m - 1], 1) + np.diag(betas[: m - 1], -1)
-        values, vectors = np.linalg.eigh(tridiagonal)
+        values, vectors = (
+            t.numpy()
+            for t in linalg.tridiagonal_eigh(alphas[:m], betas[: m - 1])
+        )
         residual = abs(betas[m - 1] * vectors[-1, -1]) if m < len(alphas) else 0
         out.append((values[-1], residual))
     return out

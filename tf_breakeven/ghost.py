@@ -436,6 +436,11 @@ def _pair_sum(products: tf.Tensor, p: int) -> tf.Tensor:
     return tf.reduce_sum(blocks, axis=[1, 3])
 
 
+def _product_precision(t: tf.Tensor) -> tf.Tensor:
+    """t in the precision its products run in: its own, at least float32."""
+    return tf.cast(t, tf.float32) if t.dtype.size < 4 else t
+
+
 def _self_products(t: tf.Tensor, width: int) -> tf.Tensor:
     """[nP, nP] inner products of the rows of t, float64.
 
@@ -443,9 +448,7 @@ def _self_products(t: tf.Tensor, width: int) -> tf.Tensor:
     3x faster than float64 on CPU, and the rows are float32 to begin
     with); every sum over positions and layers after them is float64.
     """
-    flat = tf.reshape(t, [-1, width])
-    if flat.dtype.size < 4:
-        flat = tf.cast(flat, tf.float32)
+    flat = _product_precision(tf.reshape(t, [-1, width]))
     return tf.cast(tf.matmul(flat, flat, transpose_b=True), tf.float64)
 
 
@@ -467,8 +470,8 @@ def _shared_token_gram(layer: Layer, ids, b, memory_budget) -> tf.Tensor:
     Sample i's gradient has one row per distinct token v it contains,
     E_iv = sum of its b's at v; G_ij = sum_v E_iv . E_jv runs over the
     pairs (i, v), (j, v) with i <= j only (G is symmetric), in chunks of
-    pairs that fit the budget. The rows and their dot products stay in
-    b's precision (at least float32), like `_self_products`; the sums
+    pairs that fit the budget. The rows and their dot products run in
+    `_product_precision`, like `_self_products`; the sums
     over tokens are float64.
     """
     n, (vocabulary, width) = tf.shape(b)[0], layer.shape
@@ -477,9 +480,7 @@ def _shared_token_gram(layer: Layer, ids, b, memory_budget) -> tf.Tensor:
         + vocabulary * tf.range(tf.cast(n, tf.int64))[:, tf.newaxis]
     )
     unique, position = tf.unique(tf.reshape(keys, [-1]))
-    flat_b = tf.reshape(b, [-1, width])
-    if flat_b.dtype.size < 4:
-        flat_b = tf.cast(flat_b, tf.float32)
+    flat_b = _product_precision(tf.reshape(b, [-1, width]))
     rows = tf.math.unsorted_segment_sum(flat_b, position, tf.size(unique))
     # Keys are sample-major, and tf.unique keeps their first occurrence:
     # a stable sort by token leaves each token's samples ascending.
