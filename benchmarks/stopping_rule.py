@@ -51,12 +51,15 @@ _MIN_STEPS = flags.DEFINE_list(
 def _ritz_by_step(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
     """Top Ritz value and its relative residual bound after each step (the
     last step's is unknown: `lanczos` returns m - 1 betas)."""
+    from tf_breakeven import linalg
+
     betas = np.append(betas, np.inf)
     values, residuals = [], []
     for m in range(1, len(alphas) + 1):
-        t = np.diag(alphas[:m]) + np.diag(betas[: m - 1], 1)
-        t = t + np.diag(betas[: m - 1], -1)
-        w, s = np.linalg.eigh(t)
+        w, s = (
+            t.numpy()
+            for t in linalg.tridiagonal_eigh(alphas[:m], betas[: m - 1])
+        )
         values.append(w[-1])
         residuals.append(abs(betas[m - 1] * s[-1, -1]) / abs(w[-1]))
     return np.array(values), np.array(residuals)
