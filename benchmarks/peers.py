@@ -145,7 +145,7 @@ def _jsonable(value):
 def _every_step() -> dict:
     """`{"tol": 0.0}` where `eigenpairs` has a tolerance, else `{}`.
 
-    With a tolerance (default 1e-2) `num_iterations` is only the most
+    With a tolerance (`spectrum.DEFAULT_TOL`) `num_iterations` is only the most
     Lanczos steps; the fixed-work comparison and the converged reference
     run all of theirs.
     """

@@ -591,7 +591,7 @@ def hessian_eigenpairs(
 
     Lanczos with full reorthogonalization on Hessian-vector products,
     stopping once every pair's residual is below `tol` relative to its
-    eigenvalue (default 1e-2; `tol=0.0` runs all `num_iterations`); see
+    eigenvalue (default 1e-3; `tol=0.0` runs all `num_iterations`); see
     `spectrum.eigenpairs` and `linalg.eigsh` (default number of
     iterations). Calls on data of the same shapes reuse one trace.
 

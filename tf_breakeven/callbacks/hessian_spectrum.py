@@ -297,7 +297,7 @@ class HessianSpectrum(MeasurementCallback):
         num_iterations: the most Lanczos steps (None: `linalg.eigsh`'s
             default).
         tol: stop once every pair's residual is below `tol` times its
-            eigenvalue (default 1e-2; 0.0 runs all `num_iterations`).
+            eigenvalue (default 1e-3; 0.0 runs all `num_iterations`).
         warm_start: start Lanczos from the previous top eigenvector; with
             few `num_iterations` this is the cheap tracking mode.
         trace: also estimate Tr(H) with `trace_samples` HVPs.
