@@ -323,6 +323,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def ritz_by_step(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
+    """Top Ritz value and its relative residual bound `|beta_m s_m| /
+    |theta|` after each step m = 1..len(alphas) of a Lanczos run, float64.
+
+    The last step's bound is inf: `linalg.lanczos` returns one beta fewer
+    than alphas, so the residual after the last step is unknown.
+    """
+    from tf_breakeven import linalg
+
+    betas = np.append(np.asarray(betas, np.float64), np.inf)
+    values, residuals = [], []
+    for m in range(1, len(alphas) + 1):
+        w, s = (
+            t.numpy()
+            for t in linalg.tridiagonal_eigh(alphas[:m], betas[: m - 1])
+        )
+        values.append(w[-1])
+        residuals.append(abs(betas[m - 1] * s[-1, -1]) / abs(w[-1]))
+    return np.array(values), np.array(residuals)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """Formats rows as a Markdown table (floats to 3 significant digits)."""
 

@@ -49,21 +49,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds.")
 _TOL = 1e-2  # the library's default tolerance until section 15 (now 1e-3)
 
 
-def _ritz_by_step(alphas, betas) -> list[tuple[float, float]]:
-    """(top Ritz value, its residual bound) after each step, float64."""
-    from tf_breakeven import linalg
-
-    out = []
-    for m in range(1, len(alphas) + 1):
-        values, vectors = (
-            t.numpy()
-            for t in linalg.tridiagonal_eigh(alphas[:m], betas[: m - 1])
-        )
-        residual = abs(betas[m - 1] * vectors[-1, -1]) if m < len(alphas) else 0
-        out.append((values[-1], residual))
-    return out
-
-
 def _mixed(gradient, dim: int, seed: int):
     """The unit gradient plus the unit random start of `seed` (the one
     Lanczos draws without a start vector: its first basis vector)."""
@@ -76,7 +61,7 @@ def _mixed(gradient, dim: int, seed: int):
     return random + gradient / tf.norm(gradient)
 
 
-def _runs(operator, m: int) -> dict[str, list[tuple[float, float]]]:
+def _runs(operator, m: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The Ritz values by step from each start."""
     import tensorflow as tf
 
@@ -103,8 +88,8 @@ def _runs(operator, m: int) -> dict[str, list[tuple[float, float]]]:
     for label, (start, seed) in starts.items():
         result = run(start, tf.constant(seed))
         alphas = result.alphas.numpy().astype(np.float64)
-        betas = np.append(result.betas.numpy().astype(np.float64), 0.0)
-        runs[label] = _ritz_by_step(alphas, betas)
+        betas = result.betas.numpy().astype(np.float64)
+        runs[label] = common.ritz_by_step(alphas, betas)
     return runs
 
 
@@ -153,9 +138,10 @@ def main(argv):
         models.append(model)
         operator = tfb.HessianOperator(model, (x, y), training=False)
         runs = _runs(operator, m)
-        top = tops[name] = max(steps[-1][0] for steps in runs.values())
-        for label, steps in runs.items():
-            relative = [(abs(top - v) / abs(top), r / abs(v)) for v, r in steps]
+        top = tops[name] = max(values[-1] for values, _ in runs.values())
+        for label, (values, residuals) in runs.items():
+            errors = np.abs(top - values) / abs(top)
+            relative = list(zip(errors, residuals))
             at_tol = _first(relative, lambda e, r: r <= _TOL)
             to_1e3 = _first(relative, lambda e, r: e <= 1e-3)
             trail = " ".join(f"{e:.0e}/{r:.0e}" for e, r in relative)

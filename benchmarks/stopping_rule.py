@@ -48,23 +48,6 @@ _MIN_STEPS = flags.DEFINE_list(
 )
 
 
-def _ritz_by_step(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
-    """Top Ritz value and its relative residual bound after each step (the
-    last step's is unknown: `lanczos` returns m - 1 betas)."""
-    from tf_breakeven import linalg
-
-    betas = np.append(betas, np.inf)
-    values, residuals = [], []
-    for m in range(1, len(alphas) + 1):
-        w, s = (
-            t.numpy()
-            for t in linalg.tridiagonal_eigh(alphas[:m], betas[: m - 1])
-        )
-        values.append(w[-1])
-        residuals.append(abs(betas[m - 1] * s[-1, -1]) / abs(w[-1]))
-    return np.array(values), np.array(residuals)
-
-
 def _runs(operator, m: int, starts: int) -> list[tuple]:
     import tensorflow as tf
 
@@ -84,7 +67,7 @@ def _runs(operator, m: int, starts: int) -> list[tuple]:
         result = run(tf.constant(seed))
         alphas = result.alphas.numpy().astype(np.float64)
         betas = result.betas.numpy().astype(np.float64)
-        out.append(_ritz_by_step(alphas, betas))
+        out.append(common.ritz_by_step(alphas, betas))
     return out
 
 

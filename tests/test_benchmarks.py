@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +74,27 @@ def test_peers_tiny_run_agrees_across_frameworks():
         # PyHessian stops at a relative change of 1e-3 between iterations.
         assert _value(section, "relative error pyhessian/top") < 2e-2
         assert _value(section, "relative error ours/top_fixed") < 1e-4
+
+
+def test_ritz_by_step_matches_numpy_on_each_leading_tridiagonal():
+    # benchmarks/stopping_rule.py and lanczos_start.py replay stopping
+    # rules on these values; the last step's residual is unknown (inf),
+    # so no rule can stop there by accident.
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(3)
+    alphas = rng.normal(size=6)
+    betas = np.abs(rng.normal(size=5)) + 0.1
+    values, residuals = common.ritz_by_step(alphas, betas)
+    for m in range(1, 7):
+        t = np.diag(alphas[:m])
+        t += np.diag(betas[: m - 1], 1) + np.diag(betas[: m - 1], -1)
+        w, s = np.linalg.eigh(t)
+        np.testing.assert_allclose(values[m - 1], w[-1], rtol=1e-12)
+        if m < 6:
+            expected = abs(betas[m - 1] * s[-1, -1]) / abs(w[-1])
+            np.testing.assert_allclose(residuals[m - 1], expected, rtol=1e-9)
+    assert residuals[-1] == np.inf
